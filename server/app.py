@@ -1,0 +1,106 @@
+"""The quart-trio application: request ids, error envelope, HTTP metrics, routes."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import structlog
+import trio
+from quart import Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from server import metrics
+from server.errors import ThreadlineError, error_envelope
+from server.ops import blueprint as ops_blueprint
+from server.services import Services
+
+log = structlog.get_logger(__name__)
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{8,128}$")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "bad_request",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "bad_request",
+    422: "validation_failed",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def current_request_id() -> str | None:
+    """The id of the request being handled, if any."""
+    return g.get("request_id")  # type: ignore[no-any-return]
+
+
+def create_app(services: Services) -> QuartTrio:
+    """Build the app around already-started services."""
+    app = QuartTrio("threadline")
+    app.config["SERVICES"] = services
+    app.config["MAX_CONTENT_LENGTH"] = services.settings.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+
+    @app.before_request
+    async def _start() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        g.started = trio.current_time()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=g.request_id, method=request.method)
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        request_id = g.get("request_id") or uuid.uuid4().hex
+        response.headers["X-Request-ID"] = request_id
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        started = g.get("started")
+        duration = trio.current_time() - started if started is not None else 0.0
+        metrics.HTTP_REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        metrics.HTTP_DURATION.labels(request.method, route).observe(duration)
+        if route not in ("/metrics", "/healthz", "/readyz"):
+            log.info(
+                "http.request",
+                route=route,
+                status=response.status_code,
+                duration_ms=round(duration * 1000, 2),
+            )
+        return response
+
+    @app.errorhandler(ThreadlineError)
+    async def _domain_error(exc: ThreadlineError) -> tuple[Response, int, dict[str, str]]:
+        headers: dict[str, str] = {}
+        retry = getattr(exc, "retry_after_s", None)
+        if retry is not None:
+            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+        return jsonify(exc.envelope(current_request_id())), exc.status, headers
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        code = _HTTP_CODES.get(status, "internal" if status >= 500 else "bad_request")
+        message = exc.description or exc.name
+        if status == 413:
+            message = "The request body is too large."
+        return jsonify(error_envelope(code, message, current_request_id())), status
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("http.unhandled_error")
+        body: dict[str, Any] = error_envelope(
+            "internal", "Something went wrong on our side.", current_request_id()
+        )
+        return jsonify(body), 500
+
+    app.register_blueprint(ops_blueprint)
+    for register in services.extras.get("blueprints", []):
+        register(app)
+    return app

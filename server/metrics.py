@@ -1,0 +1,90 @@
+"""Every Prometheus metric of the contract (section 5), defined once.
+
+Labels are bounded: directions, reasons, outcomes, routes (templates, not paths), never user ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_QUEUE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+WS_CONNECTIONS = Gauge("threadline_ws_connections", "Open WebSocket connections.")
+WS_FRAMES = Counter(
+    "threadline_ws_frames_total", "WebSocket frames by direction (in|out).", ["direction"]
+)
+WS_DISCONNECTS = Counter(
+    "threadline_ws_disconnects_total",
+    "WebSocket disconnects by reason (client, slow_consumer, heartbeat_timeout, rate_limited, "
+    "too_large, shutdown, error).",
+    ["reason"],
+)
+WS_OUTBOUND_QUEUE_DEPTH = Histogram(
+    "threadline_ws_outbound_queue_depth",
+    "Depth of a connection's outbound queue, sampled when a frame is queued.",
+    buckets=_QUEUE_BUCKETS,
+)
+THREAD_ACTORS = Gauge("threadline_thread_actors", "Live thread actors.")
+ACTOR_RESTARTS = Counter(
+    "threadline_actor_restarts_total", "Actor restarts by the supervisor, by actor kind.", ["actor"]
+)
+HTTP_REQUESTS = Counter(
+    "threadline_http_requests_total", "HTTP requests.", ["method", "route", "status"]
+)
+HTTP_DURATION = Histogram(
+    "threadline_http_request_duration_seconds",
+    "HTTP request duration.",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+RATE_LIMITED = Counter(
+    "threadline_rate_limited_total", "Requests refused by the rate limiter.", ["transport"]
+)
+LLM_REQUESTS = Counter(
+    "threadline_llm_requests_total",
+    "Calls to the LLM provider by outcome (ok, error, retry, timeout, cancelled, circuit_open).",
+    ["outcome"],
+)
+LLM_TOKENS = Counter(
+    "threadline_llm_tokens_total", "LLM tokens by kind (prompt|completion).", ["kind"]
+)
+LLM_COST = Counter("threadline_llm_cost_usd_total", "LLM spend in USD.")
+LLM_TTFT = Histogram(
+    "threadline_llm_time_to_first_token_seconds",
+    "Time from request to the first streamed token.",
+    buckets=_LATENCY_BUCKETS,
+)
+LLM_CIRCUIT_STATE = Gauge(
+    "threadline_llm_circuit_state", "LLM circuit breaker: 0 closed, 1 half-open, 2 open."
+)
+SUMMARIES = Counter(
+    "threadline_summaries_total",
+    "Summarisation runs by outcome (ok, skipped, failed).",
+    ["outcome"],
+)
+DB_POOL_CONNECTIONS = Gauge(
+    "threadline_db_pool_connections",
+    "Database pool connections by state (idle|in_use|max).",
+    ["state"],
+)
+EVENT_DELIVERY = Histogram(
+    "threadline_event_delivery_seconds",
+    "Time from an event's commit to its frame being written to a client.",
+    buckets=_LATENCY_BUCKETS,
+)
+
+# Pre-create label sets we always want exported, so dashboards see zeros rather than gaps.
+for _d in ("in", "out"):
+    WS_FRAMES.labels(direction=_d)
+for _t in ("http", "ws"):
+    RATE_LIMITED.labels(transport=_t)
+for _k in ("prompt", "completion"):
+    LLM_TOKENS.labels(kind=_k)
+for _s in ("idle", "in_use", "max"):
+    DB_POOL_CONNECTIONS.labels(state=_s)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of the default registry and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

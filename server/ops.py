@@ -1,0 +1,91 @@
+"""Operator endpoints: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, current_app, jsonify
+
+from server import metrics
+from server.services import Services
+
+blueprint = Blueprint("ops", __name__)
+
+_DB_CHECK_TIMEOUT_S = 1.0
+
+
+def _services() -> Services:
+    return current_app.config["SERVICES"]  # type: ignore[no-any-return]
+
+
+@blueprint.get("/healthz")
+async def healthz() -> Response:
+    """Liveness: the process can serve at all. Never touches the database."""
+    return jsonify({"status": "ok"})
+
+
+async def _check_database(services: Services) -> dict[str, Any]:
+    try:
+        latency = await services.db.ping(timeout=_DB_CHECK_TIMEOUT_S)
+    except trio.TooSlowError:
+        return {"ok": False, "error": f"no answer within {_DB_CHECK_TIMEOUT_S}s"}
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready; report which
+        return {"ok": False, "error": type(exc).__name__}
+    stats = services.db.stats()
+    return {
+        "ok": True,
+        "latency_ms": round(latency * 1000, 2),
+        "pool": {"size": stats.size, "idle": stats.idle, "max": stats.max},
+    }
+
+
+async def _check_migrations(services: Services) -> dict[str, Any]:
+    head = services.head_revision
+    try:
+        with trio.fail_after(_DB_CHECK_TIMEOUT_S):
+            current = await services.db.fetchval("SELECT version_num FROM alembic_version")
+    except Exception as exc:  # noqa: BLE001 - unreachable DB or no table: not ready
+        return {"ok": False, "current": None, "head": head, "error": type(exc).__name__}
+    ok = current == head
+    result: dict[str, Any] = {"ok": ok, "current": current, "head": head}
+    if not ok:
+        result["error"] = "schema is not at head; run `threadline migrate up`"
+    return result
+
+
+def _check_component(services: Services, name: str) -> dict[str, Any]:
+    component = services.extras.get(name)
+    if component is None or not hasattr(component, "health"):
+        return {"ok": True, "detail": "not running"}
+    return component.health()  # type: ignore[no-any-return]
+
+
+@blueprint.get("/readyz")
+async def readyz() -> tuple[Response, int]:
+    """Readiness: database, schema revision, LLM circuit, actors and draining state."""
+    services = _services()
+    checks = {
+        "database": await _check_database(services),
+        "migrations": await _check_migrations(services),
+        "llm": _check_component(services, "llm"),
+        "actors": _check_component(services, "supervisor"),
+    }
+    if services.draining.is_set():
+        status = "draining"
+    elif all(check["ok"] for check in checks.values()):
+        status = "ready"
+    else:
+        status = "not_ready"
+    return jsonify({"status": status, "checks": checks}), 200 if status == "ready" else 503
+
+
+@blueprint.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """Prometheus text exposition."""
+    stats = _services().db.stats()
+    metrics.DB_POOL_CONNECTIONS.labels(state="idle").set(stats.idle)
+    metrics.DB_POOL_CONNECTIONS.labels(state="in_use").set(stats.in_use)
+    metrics.DB_POOL_CONNECTIONS.labels(state="max").set(stats.max)
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,131 @@
+"""Process runtime: one trio-asyncio loop, the database pool, the supervisor and hypercorn.
+
+Shutdown (SIGTERM/SIGINT or ``RunningServer.shutdown``): readiness turns to ``draining`` at once,
+the listeners stop accepting, registered shutdown hooks run (WebSocket clients get close 1001,
+in-flight replies are saved), and everything left is cancelled when the grace period ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from server import migrate
+from server.app import create_app
+from server.config import Settings
+from server.db import Database
+from server.services import Services
+
+log = structlog.get_logger(__name__)
+
+ShutdownHook = Callable[[], Awaitable[None]]
+# Subsystems (actors, LLM, ...) plug themselves in here; each is an async context manager factory
+# that receives the Services, may fill ``services.extras`` and yields while the server runs.
+Plugin = Callable[[Services], contextlib.AbstractAsyncContextManager[None]]
+PLUGINS: list[Plugin] = []
+
+
+def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:
+    """Hypercorn's defaults are not ours: each value that matters is set here on purpose."""
+    config = HypercornConfig()
+    config.bind = [bind]
+    # The contract's frame limit (64 KiB default), not hypercorn's 16 MiB; oversize: close 1009.
+    config.websocket_max_message_size = settings.ws_max_message_bytes
+    # Heartbeats are ours (actors/connection.py): ping, then close 4003 when no pong arrives.
+    config.websocket_ping_interval = None
+    # Our own shutdown closes clients with 1001 first; this is the hard stop after that.
+    config.graceful_timeout = settings.graceful_timeout_s
+    config.keep_alive_timeout = 75
+    config.h11_max_incomplete_size = 64 * 1024
+    config.accesslog = None
+    config.errorlog = None
+    config.include_server_header = False
+    return config
+
+
+@dataclass
+class RunningServer:
+    """A server started by ``open_server``: its URL and a way to stop it."""
+
+    url: str
+    services: Services
+    _shutdown: trio.Event = field(default_factory=trio.Event)
+    hooks: list[ShutdownHook] = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent)."""
+        self.services.draining.set()
+        self._shutdown.set()
+
+
+@contextlib.asynccontextmanager
+async def open_server(
+    settings: Settings, dsn: str, *, bind: str | None = None
+) -> AsyncIterator[RunningServer]:
+    """Run the whole server in the caller's trio-asyncio loop for the duration of the block."""
+    async with Database.connect(
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        connect_timeout_s=settings.db_connect_timeout_s,
+    ) as db:
+        await db.fetchval("UPDATE installation SET single_user = $1", settings.single_user)
+        services = Services(settings=settings, db=db, head_revision=migrate.head_revision())
+        async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
+            # Plugins start before HTTP and stop after it: actors outlive their transports.
+            for plugin in PLUGINS:
+                await stack.enter_async_context(plugin(services))
+            app = create_app(services)
+            running = RunningServer(url="", services=services)
+            binds = await nursery.start(
+                _serve_http,
+                app,
+                hypercorn_config(settings, bind or f"{settings.host}:{settings.port}"),
+                running,
+            )
+            running.url = binds[0]
+            log.info("server.started", url=running.url)
+            try:
+                yield running
+            finally:
+                running.shutdown()
+                nursery.cancel_scope.deadline = trio.current_time() + settings.graceful_timeout_s
+
+
+async def _serve_http(
+    app: object,
+    config: HypercornConfig,
+    running: RunningServer,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async def _trigger() -> None:
+        await running._shutdown.wait()
+        log.info("server.draining")
+        for hook in running.services.shutdown_hooks:
+            await hook()
+
+    await hypercorn_serve(app, config, shutdown_trigger=_trigger, task_status=task_status)  # type: ignore[arg-type]
+
+
+async def serve_until_signalled(settings: Settings, dsn: str) -> None:
+    """``threadline serve``: run until SIGTERM or SIGINT, then shut down gracefully."""
+    import trio_asyncio
+
+    async with trio_asyncio.open_loop():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with open_server(settings, dsn) as running:
+                print(f"threadline: serving on {running.url}", flush=True)
+                async for signum in signals:
+                    log.info("server.signal", signal=signal.Signals(signum).name)
+                    running.shutdown()
+                    break
+    log.info("server.stopped")

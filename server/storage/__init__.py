@@ -1,0 +1,1 @@
+"""The storage layer: all SQL lives here, in plain SQL with ``$n`` parameters."""

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real PostgreSQL for the session, a real server per test over loopback.
+
+With ``THREADLINE_TEST_DATABASE_URL`` set the tests use that server (its database is migrated to
+head); otherwise they start the embedded PostgreSQL in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio_asyncio
+
+from server import migrate
+from server.config import Settings
+from server.db import Database
+from server.runtime import RunningServer, open_server
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A DSN of a migrated database, alive for the whole session."""
+    external = os.environ.get("THREADLINE_TEST_DATABASE_URL")
+    if external:
+        migrate.upgrade(external)
+        yield external
+        return
+    from server.embedded_pg import embedded_postgres
+
+    with embedded_postgres(tmp_path_factory.mktemp("pg")) as dsn:
+        migrate.upgrade(dsn)
+        yield dsn
+
+
+@pytest.fixture
+async def aio_loop() -> AsyncIterator[None]:
+    """The process's asyncio loop bridged into trio, as ``threadline serve`` opens it."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@pytest.fixture
+async def db(pg_dsn: str, aio_loop: None) -> AsyncIterator[Database]:
+    async with Database.connect(pg_dsn, min_size=1, max_size=4) as database:
+        yield database
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Test settings: a private data dir and signing key, and quick timings."""
+    values: dict[str, Any] = {
+        "env": "test",
+        "data_dir": tmp_path / "data",
+        "jwt_secret": "test-secret-" + uuid.uuid4().hex,
+        "db_pool_min": 1,
+        "db_pool_max": 5,
+        "graceful_timeout_s": 5.0,
+        "log_format": "json",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def server(settings: Settings, pg_dsn: str, aio_loop: None) -> AsyncIterator[RunningServer]:
+    """The real server, in this test's trio loop, listening on a free loopback port."""
+    async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client for ``server`` over loopback."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as http:
+        yield http
