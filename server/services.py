@@ -4,13 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from server.config import Settings
 from server.db import Database
 from server.events import Publish, drop_event
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyRequest:
+    """Ask the assistant to answer ``user_message_id`` in ``thread_id`` (after its commit)."""
+
+    thread_id: str
+    project_id: str
+    user_message_id: str
+    requested_by: str  # user id
+
+
+class Assistant(Protocol):
+    """What the command bus and the WebSocket transport need of the assistant subsystem."""
+
+    def start_reply(self, request: ReplyRequest) -> None:
+        """Begin generating a reply; never blocks (the work runs under the thread's actor)."""
+
+    async def cancel(self, thread_id: str) -> bool:
+        """Stop the reply being generated in ``thread_id``; True if one was running."""
 
 
 @dataclass
@@ -27,5 +47,8 @@ class Services:
     head_revision: str
     draining: trio.Event = field(default_factory=trio.Event)
     publish: Publish = drop_event
+    assistant: Assistant | None = None
+    # The actor system (actors.hub.Hub once attached); typed loosely so server/ need not import it.
+    actors: Any = None
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
