@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 
 class ModelPrice(BaseModel):
@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     llm_base_url: str | None = None
     llm_api_key: SecretStr | None = None
     llm_model: str = "gpt-4o-mini"
-    llm_prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    llm_prices: Annotated[dict[str, ModelPrice], NoDecode] = Field(default_factory=dict)
     llm_connect_timeout_s: float = Field(default=5.0, gt=0)
     llm_read_timeout_s: float = Field(default=30.0, gt=0)
     llm_total_timeout_s: float = Field(default=120.0, gt=0)
@@ -182,3 +182,5 @@ def load_settings(**overrides: Any) -> Settings:
             name = f"THREADLINE_{loc}" if loc else "configuration"
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError(problems) from None
+    except SettingsError as exc:  # a variable that could not even be parsed
+        raise ConfigError([str(exc)]) from None

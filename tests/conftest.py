@@ -11,8 +11,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psycopg
 import pytest
 import trio_asyncio
 
@@ -35,6 +37,19 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with embedded_postgres(tmp_path_factory.mktemp("pg")) as dsn:
         migrate.upgrade(dsn)
         yield dsn
+
+
+@pytest.fixture
+def scratch_dsn(pg_dsn: str) -> Iterator[str]:
+    """A fresh, EMPTY database (no schema) on the test server, dropped afterwards."""
+    name = "tl_scratch_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(pg_dsn)._replace(path="/" + name))
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
