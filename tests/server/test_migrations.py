@@ -15,8 +15,14 @@ PG_DUMP = Path(__import__("pgserver").__file__).parent / "pginstall" / "bin" / "
 def schema_dump(dsn: str) -> str:
     """The schema as pg_dump prints it, without the migration bookkeeping row."""
     out = subprocess.run(
-        [str(PG_DUMP), "--schema-only", "--no-owner", "--no-privileges"]
-        + ["--exclude-table=public.alembic_version", dsn],
+        [
+            str(PG_DUMP),
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-table=public.alembic_version",
+            dsn,
+        ],
         check=True,
         capture_output=True,
         text=True,

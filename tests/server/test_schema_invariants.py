@@ -155,7 +155,7 @@ async def test_unknown_event_type_is_refused(fresh: Database) -> None:
 async def test_message_needs_its_created_event_at_the_same_seq(fresh: Database) -> None:
     async with fresh.transaction() as tx:
         thread = await new_thread(tx)
-    with pytest.raises(asyncpg.ForeignKeyViolationError, match="message.created"):
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match=r"message\.created"):
         async with fresh.transaction() as tx:
             await tx.execute(
                 "INSERT INTO messages (thread_id, seq, role, content) VALUES ($1, 1, 'user', 'x')",
