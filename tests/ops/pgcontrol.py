@@ -1,0 +1,68 @@
+"""Stop and start a test's own embedded PostgreSQL, as pgserver itself runs it.
+
+pgserver runs ``postgres`` as the ``pgserver`` system user when the caller is root, listening on a
+Unix socket only; the socket directory is read back from ``postmaster.pid`` so a restarted server
+answers on the same DSN.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pgserver
+
+PG_CTL = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
+
+
+def _run_as() -> str | None:
+    return "pgserver" if os.geteuid() == 0 else None
+
+
+def socket_dir(pgdata: Path) -> str:
+    """The ``-k`` socket directory of the running server (line 5 of ``postmaster.pid``)."""
+    return (pgdata / "postmaster.pid").read_text().splitlines()[4].strip()
+
+
+def is_running(pgdata: Path) -> bool:
+    result = subprocess.run(
+        [str(PG_CTL), "-D", str(pgdata), "status"],
+        user=_run_as(),
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def stop(pgdata: Path) -> None:
+    """Fast shutdown: open sessions are terminated, as in a real database outage."""
+    subprocess.run(
+        [str(PG_CTL), "-D", str(pgdata), "-m", "fast", "-w", "-t", "30", "stop"],
+        user=_run_as(),
+        capture_output=True,
+        check=True,
+    )
+
+
+def start(pgdata: Path, sockets: str) -> None:
+    subprocess.run(
+        [
+            str(PG_CTL),
+            "-D",
+            str(pgdata),
+            "-w",
+            "-t",
+            "30",
+            "-o",
+            '-h ""',
+            "-o",
+            f"-k {sockets}",
+            "-l",
+            str(pgdata / "log"),
+            "start",
+        ],
+        user=_run_as(),
+        capture_output=True,
+        check=True,
+    )

@@ -1,0 +1,82 @@
+"""A database outage turns /readyz to 503 and back to 200 without a restart; /healthz stays 200."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from server import migrate
+from server.embedded_pg import embedded_postgres
+from server.runtime import open_server
+from tests.conftest import make_settings
+from tests.ops import pgcontrol
+
+# Each transition must happen "within seconds": bounded polls, never sleeps to wait for it.
+_TRANSITION_LIMIT_S = 15.0
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A separate embedded PostgreSQL (migrated) that this test alone may stop and start."""
+    data_dir = tmp_path / "outage-pg"
+    with embedded_postgres(data_dir) as dsn:
+        pgdata = data_dir.resolve() / "pgdata"
+        migrate.upgrade(dsn)
+        try:
+            yield dsn, pgdata
+        finally:
+            # pgserver only stops the postmaster it started; a restarted one is ours to stop.
+            if pgcontrol.is_running(pgdata):
+                pgcontrol.stop(pgdata)
+
+
+async def _poll_readyz(client: httpx.AsyncClient, want: int) -> httpx.Response:
+    with trio.fail_after(_TRANSITION_LIMIT_S):
+        while True:
+            response = await client.get("/readyz")
+            if response.status_code == want:
+                return response
+            await trio.sleep(0.2)  # poll interval, not a wait for the outcome
+
+
+async def test_readiness_follows_a_database_outage(
+    tmp_path: Path, own_postgres: tuple[str, Path], aio_loop: None
+) -> None:
+    dsn, pgdata = own_postgres
+    sockets = pgcontrol.socket_dir(pgdata)
+    settings = make_settings(tmp_path, db_pool_min=2, db_pool_max=4)
+    async with (
+        open_server(settings, dsn, bind="127.0.0.1:0") as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10.0) as client,
+    ):
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+
+        await trio.to_thread.run_sync(pgcontrol.stop, pgdata)
+        started = trio.current_time()
+        down = await _poll_readyz(client, 503)
+        body = down.json()
+        assert body["status"] == "not_ready"
+        assert body["checks"]["database"]["ok"] is False
+        assert "error" in body["checks"]["database"]
+        assert trio.current_time() - started < _TRANSITION_LIMIT_S
+        live = await client.get("/healthz")
+        assert live.status_code == 200
+        assert live.json() == {"status": "ok"}
+        # Metrics never touch the database: scrapes keep working through an outage.
+        metrics = await client.get("/metrics")
+        assert metrics.status_code == 200
+
+        await trio.to_thread.run_sync(functools.partial(pgcontrol.start, pgdata, sockets))
+        back = await _poll_readyz(client, 200)
+        assert back.json()["checks"]["database"]["ok"] is True
+        assert back.json()["checks"]["migrations"]["ok"] is True
+
+        # The pool recovered: every connection it hands out works (no dead ones kept).
+        for _ in range(settings.db_pool_max * 2):
+            assert await running.services.db.fetchval("SELECT 1") == 1
