@@ -12,7 +12,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from server import metrics
+from server import metrics, tracing
 from server.errors import ThreadlineError, error_envelope
 from server.ops import blueprint as ops_blueprint
 from server.services import Services
@@ -56,11 +56,15 @@ def create_app(services: Services) -> QuartTrio:
         g.started = trio.current_time()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=g.request_id, method=request.method)
+        g.span = tracing.bind_trace(request.headers.get(tracing.HEADER))
 
     @app.after_request
     async def _finish(response: Response) -> Response:
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
+        span = g.get("span")
+        if span is not None:
+            response.headers[tracing.HEADER] = span.traceparent()
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         started = g.get("started")
         duration = trio.current_time() - started if started is not None else 0.0
