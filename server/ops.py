@@ -25,13 +25,20 @@ async def healthz() -> Response:
     return jsonify({"status": "ok"})
 
 
+def _describe(exc: BaseException) -> str:
+    """Exception type names only (a message could hold a DSN): ``Unavailable(OSError)``."""
+    cause = exc.__cause__
+    name = type(exc).__name__
+    return f"{name}({type(cause).__name__})" if cause is not None else name
+
+
 async def _check_database(services: Services) -> dict[str, Any]:
     try:
         latency = await services.db.ping(timeout=_DB_CHECK_TIMEOUT_S)
     except trio.TooSlowError:
         return {"ok": False, "error": f"no answer within {_DB_CHECK_TIMEOUT_S}s"}
     except Exception as exc:  # noqa: BLE001 - any failure means not ready; report which
-        return {"ok": False, "error": type(exc).__name__}
+        return {"ok": False, "error": _describe(exc)}
     stats = services.db.stats()
     return {
         "ok": True,
@@ -46,7 +53,7 @@ async def _check_migrations(services: Services) -> dict[str, Any]:
         with trio.fail_after(_DB_CHECK_TIMEOUT_S):
             current = await services.db.fetchval("SELECT version_num FROM alembic_version")
     except Exception as exc:  # noqa: BLE001 - unreachable DB or no table: not ready
-        return {"ok": False, "current": None, "head": head, "error": type(exc).__name__}
+        return {"ok": False, "current": None, "head": head, "error": _describe(exc)}
     ok = current == head
     result: dict[str, Any] = {"ok": ok, "current": current, "head": head}
     if not ok:
