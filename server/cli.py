@@ -74,7 +74,7 @@ def _cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_fake_llm(args: argparse.Namespace, settings: Settings) -> int:
-    from server.llm.fake_server import main as fake_main  # type: ignore[import-not-found]
+    from server.llm.fake_server import main as fake_main
 
     return int(fake_main(host=args.host, port=args.port))
 

@@ -1,0 +1,138 @@
+"""An OpenAI-compatible chat-completions provider on the official ``openai`` client.
+
+``AsyncOpenAI`` runs on trio: its transport (``httpx2``/``httpcore2``) detects the running
+library through sniffio/anyio and uses trio sockets. We hand it our own HTTP client with explicit
+connect/read/write/pool timeouts and set ``max_retries=0``: retries, back-off and the total
+timeout belong to ``server.llm.client.LLMClient``, where they are visible and measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import httpx2
+import openai
+import structlog
+
+from server.config import Settings
+from server.llm.provider import (
+    ChatMessage,
+    Completion,
+    OnText,
+    ProviderError,
+    ProviderTimeout,
+    Usage,
+)
+
+log = structlog.get_logger(__name__)
+
+
+def _retry_after(response: httpx2.Response | None) -> float | None:
+    if response is None:
+        return None
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare from LLM providers; fall back to our back-off
+
+
+def _status_error(exc: openai.APIStatusError) -> ProviderError:
+    status = exc.status_code
+    retryable = status == 429 or status == 408 or status >= 500
+    # The body may echo the request; only the status reaches logs and clients.
+    return ProviderError(
+        f"The provider answered HTTP {status}.",
+        retryable=retryable,
+        status=status,
+        retry_after=_retry_after(exc.response),
+    )
+
+
+class OpenAIProvider:
+    """Streams chat completions from any OpenAI-compatible ``/v1`` endpoint."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.llm_base_url is None:
+            raise ValueError("OpenAIProvider needs THREADLINE_LLM_BASE_URL")
+        self.model = settings.llm_model
+        connect = settings.llm_connect_timeout_s
+        read = settings.llm_read_timeout_s
+        self._http = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(connect=connect, read=read, write=read, pool=connect),
+            limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unused"
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.llm_base_url,
+            api_key=key,
+            max_retries=0,
+            http_client=self._http,
+        )
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], *, max_tokens: int, on_text: OnText
+    ) -> Completion:
+        """See ``Provider.stream``. Maps every transport and HTTP failure to ProviderError."""
+        payload: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        parts: list[str] = []
+        usage: Usage | None = None
+        finish: str | None = None
+        model = self.model
+        try:
+            stream = await self._client.chat.completions.create(
+                model=self.model,
+                messages=payload,
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=max_tokens,
+            )
+            async with stream:
+                async for chunk in stream:
+                    model = chunk.model or model
+                    if chunk.usage is not None:
+                        usage = Usage(
+                            prompt_tokens=chunk.usage.prompt_tokens,
+                            completion_tokens=chunk.usage.completion_tokens,
+                        )
+                    for choice in chunk.choices:
+                        if choice.finish_reason is not None:
+                            finish = choice.finish_reason
+                        text = choice.delta.content if choice.delta else None
+                        if text:
+                            parts.append(text)
+                            await on_text(text)
+        except openai.APITimeoutError:
+            raise ProviderTimeout("The provider did not answer in time.") from None
+        except openai.APIStatusError as exc:
+            raise _status_error(exc) from None
+        except openai.APIConnectionError as exc:
+            raise ProviderError(
+                f"Could not reach the provider ({type(exc.__cause__ or exc).__name__}).",
+                retryable=True,
+            ) from None
+        except httpx2.TimeoutException:
+            raise ProviderTimeout("The provider stopped sending within the read timeout.") from None
+        except httpx2.HTTPError as exc:
+            raise ProviderError(
+                f"The provider's stream broke off ({type(exc).__name__}).", retryable=True
+            ) from None
+        except openai.APIError as exc:
+            raise ProviderError(
+                f"The provider sent an error ({type(exc).__name__}).", retryable=False
+            ) from None
+        if finish is None:
+            raise ProviderError(
+                "The provider's stream ended before the answer did.", retryable=True
+            )
+        return Completion(text="".join(parts), model=model, usage=usage, finish_reason=finish)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(httpx2.HTTPError):
+            await self._http.aclose()
