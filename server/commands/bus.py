@@ -1,0 +1,100 @@
+"""The command bus: one handler per command, one transaction per command, events after commit.
+
+``execute`` opens exactly one ``db.transaction(actor_id=principal.user_id)``, runs the handler
+in it, and only once the transaction has committed publishes the handler's durable events
+(``services.publish``) and runs its after-commit actions (e.g. asking the assistant to reply).
+If the handler raises, the transaction rolls back and nothing is published.
+
+Cancellation: cancelled before commit, nothing is written and nothing published; the
+connection is discarded by ``Database``. Publishing and after-commit actions are synchronous
+(``send_nowait``-style hooks) so they cannot be interrupted half-way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import structlog
+
+from server.commands import message_handlers, resource_handlers
+from server.commands.models import (
+    Command,
+    CreateProject,
+    CreateThread,
+    DeleteMessage,
+    DeleteProject,
+    DeleteThread,
+    EditMessage,
+    SendMessage,
+    UpdateProject,
+    UpdateThread,
+)
+from server.commands.unit import CommandContext, CommandResult
+from server.errors import NotFound
+from server.events import ThreadEvent
+from server.principal import Principal
+from server.services import Services
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[CommandContext, Any], Awaitable[CommandResult]]
+
+HANDLERS: dict[type[Command], Handler] = {
+    CreateProject: resource_handlers.create_project,
+    UpdateProject: resource_handlers.update_project,
+    DeleteProject: resource_handlers.delete_project,
+    CreateThread: resource_handlers.create_thread,
+    UpdateThread: resource_handlers.update_thread,
+    DeleteThread: resource_handlers.delete_thread,
+    SendMessage: message_handlers.send_message,
+    EditMessage: message_handlers.edit_message,
+    DeleteMessage: message_handlers.delete_message,
+}
+
+# Two identical sends racing past the idempotency check: the loser's insert hits this UNIQUE
+# constraint; running the command again finds the winner's message and returns it.
+_IDEMPOTENCY_CONSTRAINT = "messages_thread_client_msg_id_key"
+_MAX_ATTEMPTS = 3
+
+
+async def execute(services: Services, principal: Principal, command: Command) -> CommandResult:
+    """Run ``command`` for ``principal``; raise a ``ThreadlineError`` subclass on refusal."""
+    handler = HANDLERS[type(command)]
+    for attempt in range(1, _MAX_ATTEMPTS + 1):
+        try:
+            return await _run_once(services, principal, command, handler)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != _IDEMPOTENCY_CONSTRAINT or attempt == _MAX_ATTEMPTS:
+                raise
+            log.info("command.idempotency_race", command=type(command).__name__)
+        except asyncpg.ForeignKeyViolationError as exc:
+            # The parent (project/thread) was deleted by a concurrent command.
+            if exc.constraint_name == "messages_created_event":
+                raise
+            raise NotFound("Not found.") from None
+    raise AssertionError("unreachable")
+
+
+async def _run_once(
+    services: Services, principal: Principal, command: Command, handler: Handler
+) -> CommandResult:
+    async with services.db.transaction(actor_id=principal.user_id) as tx:
+        ctx = CommandContext(services=services, principal=principal, tx=tx)
+        result = await handler(ctx, command)
+    # Committed: hand the events on, then the follow-up actions.
+    for pending in ctx.events:
+        event = ThreadEvent(
+            thread_id=pending.thread_id, type=pending.type, seq=pending.seq, data=pending.data
+        )
+        try:
+            services.publish(event)
+        except Exception:  # committed already; the event log has it for replay
+            log.exception("command.publish_failed", type=pending.type, seq=pending.seq)
+    for action in ctx.after_commit:
+        try:
+            action()
+        except Exception:  # the command itself succeeded and must say so
+            log.exception("command.after_commit_failed", command=type(command).__name__)
+    return result

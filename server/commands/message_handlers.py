@@ -1,0 +1,135 @@
+"""Handlers of the message commands: send (idempotent), edit and delete (optimistic versions)."""
+
+from __future__ import annotations
+
+import structlog
+
+from server.commands.models import DeleteMessage, EditMessage, SendMessage
+from server.commands.serialize import message_to_dict
+from server.commands.unit import CommandContext, CommandResult, require_id
+from server.errors import (
+    BudgetExceeded,
+    Conflict,
+    IdempotencyConflict,
+    NotFound,
+    ValidationFailed,
+    VersionConflict,
+)
+from server.services import ReplyRequest
+from server.storage import messages, projects, threads
+from server.storage.usage import project_spend_this_month
+
+log = structlog.get_logger(__name__)
+
+
+def _check_length(ctx: CommandContext, content: str) -> None:
+    limit = ctx.services.settings.max_message_chars
+    if len(content) > limit:
+        raise ValidationFailed(
+            "The message is too long.",
+            details={"fields": {"content": f"at most {limit} characters"}},
+        )
+    if not content.strip():
+        raise ValidationFailed(
+            "The message is empty.", details={"fields": {"content": "must not be blank"}}
+        )
+
+
+async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
+    """Append a user message (and its ``message.created`` event) to a thread.
+
+    Locks the thread row, so sends to one thread are serialised; a ``client_msg_id`` already
+    used in the thread returns that message (``created=False``) if the content matches, else
+    ``IdempotencyConflict``. With ``reply`` and a project budget already spent this month,
+    ``BudgetExceeded`` and nothing is written. The assistant is asked to reply after commit.
+    """
+    _check_length(ctx, cmd.content)
+    thread_id = require_id(cmd.thread_id)
+    thread = await threads.get_thread(ctx.tx, ctx.user_id, thread_id, for_update=True)
+    if thread is None:
+        raise NotFound("No such thread.")
+    if cmd.client_msg_id is not None:
+        existing = await messages.find_by_client_msg_id(ctx.tx, thread_id, cmd.client_msg_id)
+        if existing is not None:
+            original = await messages.original_content(ctx.tx, existing)
+            if original != cmd.content:
+                raise IdempotencyConflict(
+                    "This client_msg_id was already used with different content.",
+                    details={"client_msg_id": cmd.client_msg_id, "message_id": str(existing["id"])},
+                )
+            return CommandResult(message_to_dict(existing), created=False)
+    project_id = str(thread["project_id"])
+    if cmd.reply:
+        project = await projects.get_project(ctx.tx, ctx.user_id, project_id)
+        budget = project["monthly_budget_usd"] if project is not None else None
+        if budget is not None:
+            spent = await project_spend_this_month(ctx.tx, project_id)
+            if spent >= budget:
+                raise BudgetExceeded(
+                    "This project has used its monthly budget.",
+                    details={"monthly_budget_usd": float(budget), "spend_usd": float(spent)},
+                )
+    seq = int(thread["last_seq"]) + 1
+    row = await messages.insert_message(
+        ctx.tx,
+        thread_id=thread_id,
+        seq=seq,
+        role="user",
+        author_id=ctx.user_id,
+        content=cmd.content,
+        client_msg_id=cmd.client_msg_id,
+    )
+    data = message_to_dict(row)
+    await ctx.emit(thread_id, "message.created", seq, data)
+    assistant = ctx.services.assistant
+    if cmd.reply and assistant is not None:
+        request = ReplyRequest(
+            thread_id=thread_id,
+            project_id=project_id,
+            user_message_id=data["id"],
+            requested_by=ctx.user_id,
+        )
+        ctx.after_commit.append(lambda: assistant.start_reply(request))
+    return CommandResult(data, created=True)
+
+
+async def _lock_for_change(ctx: CommandContext, message_id: str, expected: int) -> tuple[int, str]:
+    """Lock thread then message (the order every writer uses); check the expected version."""
+    thread_id = await messages.owned_thread_of_message(ctx.tx, ctx.user_id, message_id)
+    if thread_id is None:
+        raise NotFound("No such message.")
+    seq = await threads.lock_next_seq(ctx.tx, str(thread_id))
+    row = await messages.get_message(ctx.tx, ctx.user_id, message_id, for_update=True)
+    if row is None:  # deleted with its thread between the two reads
+        raise NotFound("No such message.")
+    if row["version"] != expected:
+        raise VersionConflict(
+            "The message has changed since you read it.",
+            details={"current_version": row["version"]},
+        )
+    if row["deleted_at"] is not None:
+        raise Conflict("The message is deleted.", details={"current_version": row["version"]})
+    if row["status"] == "streaming":
+        raise Conflict("The reply is still being written.")
+    return seq, str(thread_id)
+
+
+async def edit_message(ctx: CommandContext, cmd: EditMessage) -> CommandResult:
+    """Replace a message's content at ``expected_version``; emits ``message.updated``."""
+    _check_length(ctx, cmd.content)
+    message_id = require_id(cmd.message_id)
+    seq, thread_id = await _lock_for_change(ctx, message_id, cmd.expected_version)
+    row = await messages.edit_message(ctx.tx, message_id, cmd.content, cmd.expected_version)
+    data = message_to_dict(row)
+    await ctx.emit(thread_id, "message.updated", seq, data)
+    return CommandResult(data)
+
+
+async def delete_message(ctx: CommandContext, cmd: DeleteMessage) -> CommandResult:
+    """Make a message a tombstone at ``expected_version``; emits ``message.deleted``."""
+    message_id = require_id(cmd.message_id)
+    seq, thread_id = await _lock_for_change(ctx, message_id, cmd.expected_version)
+    row = await messages.soft_delete_message(ctx.tx, message_id, cmd.expected_version)
+    data = message_to_dict(row)
+    await ctx.emit(thread_id, "message.deleted", seq, data)
+    return CommandResult(data)
