@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from server.commands.models import DeleteMessage, EditMessage, SendMessage
@@ -22,17 +24,19 @@ from server.storage.usage import project_spend_this_month
 log = structlog.get_logger(__name__)
 
 
+def _content_error(message: str) -> dict[str, Any]:
+    return {"fields": ["content"], "errors": [{"field": "content", "message": message}]}
+
+
 def _check_length(ctx: CommandContext, content: str) -> None:
     limit = ctx.services.settings.max_message_chars
     if len(content) > limit:
         raise ValidationFailed(
             "The message is too long.",
-            details={"fields": {"content": f"at most {limit} characters"}},
+            details=_content_error(f"at most {limit} characters"),
         )
     if not content.strip():
-        raise ValidationFailed(
-            "The message is empty.", details={"fields": {"content": "must not be blank"}}
-        )
+        raise ValidationFailed("The message is empty.", details=_content_error("must not be blank"))
 
 
 async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:

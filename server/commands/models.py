@@ -3,7 +3,7 @@
 Unknown fields are ignored (a WebSocket frame also carries ``op`` and ``ref``). Ids are plain
 strings; an id that is not a well-formed UUID simply names nothing (404 ``not_found``).
 ``parse_command`` turns a pydantic ``ValidationError`` into ``ValidationFailed`` whose
-``details.fields`` maps each offending field (dotted path) to a message.
+``details.fields`` lists each offending field (dotted path) and ``details.errors`` says why.
 """
 
 from __future__ import annotations
@@ -106,12 +106,15 @@ C = TypeVar("C", bound=Command)
 
 
 def validation_details(exc: ValidationError) -> dict[str, Any]:
-    """``{"fields": {"dotted.path": "message"}}`` for a pydantic error (input never echoed)."""
-    fields: dict[str, str] = {}
-    for err in exc.errors(include_input=False, include_url=False, include_context=False):
-        name = ".".join(str(part) for part in err["loc"]) or "body"
-        fields.setdefault(name, err["msg"])
-    return {"fields": fields}
+    """``{"fields": [names], "errors": [{"field", "message"}]}``; the input is never echoed.
+
+    The same shape ``server.api.context.parse_body`` gives, so every validation error reads alike.
+    """
+    errors = [
+        {"field": ".".join(str(part) for part in err["loc"]) or "body", "message": err["msg"]}
+        for err in exc.errors(include_input=False, include_url=False, include_context=False)
+    ]
+    return {"fields": sorted({e["field"] for e in errors}), "errors": errors}
 
 
 def parse_command(model: type[C], data: Mapping[str, Any]) -> C:
@@ -119,6 +122,7 @@ def parse_command(model: type[C], data: Mapping[str, Any]) -> C:
     try:
         return model.model_validate(dict(data))
     except ValidationError as exc:
+        details = validation_details(exc)
         raise ValidationFailed(
-            "The request is not valid.", details=validation_details(exc)
+            f"Invalid value for: {', '.join(details['fields'])}.", details=details
         ) from None
