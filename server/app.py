@@ -13,6 +13,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from server import metrics, tracing
+from server.api.auth import blueprint as auth_blueprint
 from server.errors import ThreadlineError, error_envelope
 from server.ops import blueprint as ops_blueprint
 from server.services import Services
@@ -105,6 +106,8 @@ def create_app(services: Services) -> QuartTrio:
         return jsonify(body), 500
 
     app.register_blueprint(ops_blueprint)
+    # Also installs the guard: no tokens in URLs, rate limits on /api/ (server/api/auth.py).
+    app.register_blueprint(auth_blueprint)
     for register in services.extras.get("blueprints", []):
         register(app)
     return app

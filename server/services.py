@@ -11,6 +11,7 @@ import trio
 from server.config import Settings
 from server.db import Database
 from server.events import Publish, drop_event
+from server.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +53,8 @@ class Services:
     actors: Any = None
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    # One per process, shared by HTTP and WebSocket (per-user and per-IP token buckets).
+    limiter: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limiter = RateLimiter.from_settings(self.settings)
