@@ -40,7 +40,9 @@ def check_limit(limit: int | None) -> int:
     if limit is None:
         return DEFAULT_LIMIT
     if not 1 <= limit <= MAX_LIMIT:
-        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}.", details={"field": "limit"})
+        raise ValidationFailed(
+            f"limit must be between 1 and {MAX_LIMIT}.", details=field_error("limit", "1-200")
+        )
     return limit
 
 
