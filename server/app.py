@@ -13,6 +13,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from server import metrics, tracing
+from server.api import messages as messages_api
+from server.api import projects as projects_api
+from server.api import threads as threads_api
 from server.api.auth import blueprint as auth_blueprint
 from server.errors import ThreadlineError, error_envelope
 from server.ops import blueprint as ops_blueprint
@@ -108,6 +111,8 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(ops_blueprint)
     # Also installs the guard: no tokens in URLs, rate limits on /api/ (server/api/auth.py).
     app.register_blueprint(auth_blueprint)
+    for resource in (projects_api, threads_api, messages_api):
+        app.register_blueprint(resource.blueprint)
     for register in services.extras.get("blueprints", []):
         register(app)
     return app
