@@ -21,7 +21,9 @@ from server import migrate
 from server.app import create_app
 from server.config import Settings
 from server.db import Database
+from server.llm.plugin import assistant_plugin
 from server.services import Services
+from server.ws import realtime_plugin
 
 log = structlog.get_logger(__name__)
 
@@ -29,7 +31,9 @@ ShutdownHook = Callable[[], Awaitable[None]]
 # Subsystems (actors, LLM, ...) plug themselves in here; each is an async context manager factory
 # that receives the Services, may fill ``services.extras`` and yields while the server runs.
 Plugin = Callable[[Services], contextlib.AbstractAsyncContextManager[None]]
-PLUGINS: list[Plugin] = []
+# The actor system comes first: later plugins (LLM, ...) may use services.actors.
+PLUGINS: list[Plugin] = [realtime_plugin]
+PLUGINS.append(assistant_plugin)  # assistant replies + summariser (server/llm/plugin.py)
 
 
 def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:
@@ -79,25 +83,29 @@ async def open_server(
     ) as db:
         await db.fetchval("UPDATE installation SET single_user = $1", settings.single_user)
         services = Services(settings=settings, db=db, head_revision=migrate.head_revision())
-        async with contextlib.AsyncExitStack() as stack, trio.open_nursery() as nursery:
-            # Plugins start before HTTP and stop after it: actors outlive their transports.
+        # Plugins start before HTTP and stop after it: actors outlive their transports.
+        # (Entered outside the HTTP nursery so a plugin's own nursery nests properly.)
+        async with contextlib.AsyncExitStack() as stack:
             for plugin in PLUGINS:
                 await stack.enter_async_context(plugin(services))
-            app = create_app(services)
-            running = RunningServer(url="", services=services)
-            binds = await nursery.start(
-                _serve_http,
-                app,
-                hypercorn_config(settings, bind or f"{settings.host}:{settings.port}"),
-                running,
-            )
-            running.url = binds[0]
-            log.info("server.started", url=running.url)
-            try:
-                yield running
-            finally:
-                running.shutdown()
-                nursery.cancel_scope.deadline = trio.current_time() + settings.graceful_timeout_s
+            async with trio.open_nursery() as nursery:
+                app = create_app(services)
+                running = RunningServer(url="", services=services)
+                binds = await nursery.start(
+                    _serve_http,
+                    app,
+                    hypercorn_config(settings, bind or f"{settings.host}:{settings.port}"),
+                    running,
+                )
+                running.url = binds[0]
+                log.info("server.started", url=running.url)
+                try:
+                    yield running
+                finally:
+                    running.shutdown()
+                    nursery.cancel_scope.deadline = (
+                        trio.current_time() + settings.graceful_timeout_s
+                    )
 
 
 async def _serve_http(
