@@ -1,0 +1,368 @@
+"""The thread actor: one per live thread; holds its subscribers and fans its events out.
+
+State: the subscribers, the last durable ``seq`` delivered, the text so far of each assistant
+reply being streamed, and the named child tasks (assistant replies) running under it.
+
+Mailbox: ``trio.open_memory_channel(settings.thread_mailbox)`` (default 1,024 messages).
+Overflow action: a *publish* that finds the mailbox full is dropped and the actor is marked
+``lagging``; durable events are already in ``thread_events``, so the actor re-reads the missing
+range from the log before delivering anything newer (subscribers still see every seq exactly
+once, in order). Dropped ephemeral events (deltas) are lost by design: the durable
+``assistant.completed`` carries the final text. Control messages (subscribe, run a child, cancel)
+are never dropped: async callers wait for room, ``run_in_thread`` raises ``Unavailable``.
+
+Fan-out never awaits a subscriber: each frame is serialised once and offered to every
+subscriber with ``send_nowait`` semantics (``Subscriber.offer``); a subscriber whose queue is
+full is dropped on the spot and told so (its connection closes 4002 ``slow_consumer``).
+
+Lifetime: started by the hub in the hub's nursery; stops by itself after
+``thread_idle_timeout_s`` with no subscriber and no child running; stopping and leaving the hub's
+registry happen together, with no checkpoint in between, so there is never a second actor for
+the same thread. If the actor itself fails, every subscriber is dropped with reason ``error``
+(clients reconnect with ``after_seq`` and lose nothing) and the next use starts a fresh actor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, Literal, Protocol, TypeVar
+
+import structlog
+import trio
+
+from server import metrics
+from server.events import ThreadEvent
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+DropReason = Literal["slow_consumer", "error", "shutdown"]
+
+
+class Subscriber(Protocol):
+    """What a thread actor needs of a subscriber (a connection actor implements it)."""
+
+    def offer(self, frame: str, committed_at: float | None) -> bool:
+        """Queue ``frame`` without waiting; False if the subscriber's queue is full."""
+
+    async def put(self, frame: str) -> None:
+        """Queue ``frame``, waiting for room (used by the subscriber's own task for replay)."""
+
+    def dropped(self, thread_id: str, reason: DropReason) -> None:
+        """The actor removed this subscriber; must not block."""
+
+
+class EventLog(Protocol):
+    """Read access to the durable ``thread_events`` log (``server/storage/events.py``)."""
+
+    async def last_seq(self, thread_id: str) -> int:
+        """The thread's last committed seq (0 when it has none)."""
+
+    async def read(self, thread_id: str, after_seq: int, upto_seq: int) -> list[ThreadEvent]:
+        """Events with ``after_seq < seq <= upto_seq`` in seq order."""
+
+
+class Reply(Generic[T]):
+    """A one-shot answer from an actor to whoever sent it a message."""
+
+    __slots__ = ("_done", "_value")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._value: T | None = None
+
+    def set(self, value: T) -> None:
+        self._value = value
+        self._done.set()
+
+    async def wait(self) -> T:
+        await self._done.wait()
+        return self._value  # type: ignore[return-value]
+
+
+# -- messages (frozen dataclasses; the mailbox carries nothing else) -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    event: ThreadEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    subscriber: Subscriber
+    reply: Reply[int]  # the last seq the subscriber's replay must cover
+
+
+@dataclass(frozen=True, slots=True)
+class GoLive:
+    subscriber: Subscriber
+    replayed_upto: int
+    reply: Reply[bool]  # False when the subscriber was dropped meanwhile
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    subscriber: Subscriber
+    reply: Reply[bool] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunChild:
+    name: str
+    fn: Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelChild:
+    name: str
+    reply: Reply[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildDone:
+    name: str
+    scope: trio.CancelScope
+
+
+Message = Publish | Subscribe | GoLive | Unsubscribe | RunChild | CancelChild | ChildDone
+
+
+@dataclass(slots=True)
+class _SubState:
+    live: bool = False
+    # Durable frames that arrived while the subscriber was replaying: (seq, frame, committed_at).
+    backlog: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+def encode(event: ThreadEvent) -> str:
+    """The event's wire frame, serialised once for every subscriber."""
+    return json.dumps(event.wire(), separators=(",", ":"), ensure_ascii=False)
+
+
+class ThreadActor:
+    """One live thread. Talk to it through ``mailbox`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        thread_id: str,
+        *,
+        log_reader: EventLog,
+        mailbox_size: int,
+        idle_timeout_s: float,
+        backlog_limit: int,
+        on_stop: Callable[[ThreadActor], None],
+    ) -> None:
+        self.thread_id = thread_id
+        self.mailbox, self._inbox = trio.open_memory_channel[Message](mailbox_size)
+        self._log = log_reader
+        self._idle_timeout_s = idle_timeout_s
+        self._backlog_limit = backlog_limit
+        self._on_stop = on_stop
+        self.subscribers: dict[Subscriber, _SubState] = {}
+        self.children: dict[str, list[trio.CancelScope]] = {}
+        self.inflight: dict[str, list[str]] = {}  # message_id -> text parts so far
+        self.last_seq = 0
+        self.lagging = False
+        self.stopped = False
+
+    # -- called by the hub (synchronous, never blocks) -------------------------------------
+
+    def publish(self, event: ThreadEvent) -> None:
+        """Offer an event; on a full mailbox mark the actor lagging (it catches up from the log)."""
+        try:
+            self.mailbox.send_nowait(Publish(event))
+        except trio.WouldBlock:
+            if event.seq is not None:
+                self.lagging = True
+            log.warning("thread.mailbox_full", thread_id=self.thread_id, type=event.type)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # stopped meanwhile; the event is in the log for the next actor
+
+    # -- the actor ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the mailbox until idle or cancelled; never raises except ``Cancelled``."""
+        metrics.THREAD_ACTORS.inc()
+        structlog.contextvars.bind_contextvars(thread_id=self.thread_id)
+        try:
+            async with trio.open_nursery() as children:
+                try:
+                    self.last_seq = await self._log.last_seq(self.thread_id)
+                    await self._serve(children)
+                except Exception as exc:
+                    log.exception("thread.actor_failed", error=type(exc).__name__)
+                    metrics.ACTOR_RESTARTS.labels(actor="thread").inc()
+                    self._leave()
+                    self._drop_all("error")
+                children.cancel_scope.cancel()
+        finally:
+            self._leave()
+            metrics.THREAD_ACTORS.dec()
+
+    async def _serve(self, children: trio.Nursery) -> None:
+        while True:
+            message: Message | None = None
+            if self._idle():
+                with trio.move_on_after(self._idle_timeout_s):
+                    message = await self._inbox.receive()
+                if message is None:
+                    # Idle for the whole timeout. Leave only if nothing arrived meanwhile;
+                    # no checkpoint between this check and leaving the registry.
+                    if self._idle() and self._inbox.statistics().current_buffer_used == 0:
+                        self._leave()
+                        log.debug("thread.idle_stop")
+                        return
+                    continue
+            else:
+                message = await self._inbox.receive()
+            await self._handle(message, children)
+            if self.lagging:
+                await self._catch_up(upto=None)
+
+    def _idle(self) -> bool:
+        return not self.subscribers and not self.children
+
+    def _leave(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self._inbox.close()  # later sends raise BrokenResourceError: callers retry anew
+            self._on_stop(self)
+
+    async def _handle(self, message: Message, children: trio.Nursery) -> None:
+        if isinstance(message, Publish):
+            await self._on_publish(message.event)
+        elif isinstance(message, Subscribe):
+            self.subscribers[message.subscriber] = _SubState()
+            message.reply.set(self.last_seq)
+        elif isinstance(message, GoLive):
+            message.reply.set(self._go_live(message.subscriber, message.replayed_upto))
+        elif isinstance(message, Unsubscribe):
+            found = self.subscribers.pop(message.subscriber, None) is not None
+            if message.reply is not None:
+                message.reply.set(found)
+        elif isinstance(message, RunChild):
+            scope = trio.CancelScope()
+            self.children.setdefault(message.name, []).append(scope)
+            children.start_soon(self._child, message.name, message.fn, scope)
+        elif isinstance(message, CancelChild):
+            scopes = self.children.get(message.name, [])
+            for scope in scopes:
+                scope.cancel()
+            message.reply.set(bool(scopes))
+        elif isinstance(message, ChildDone):
+            scopes = self.children.get(message.name, [])
+            if message.scope in scopes:
+                scopes.remove(message.scope)
+            if not scopes:
+                self.children.pop(message.name, None)
+            if not self.children:
+                self.inflight.clear()  # no reply can be streaming without a child running it
+
+    async def _child(
+        self, name: str, fn: Callable[[], Awaitable[None]], scope: trio.CancelScope
+    ) -> None:
+        try:
+            with scope:
+                await fn()
+        except Exception as exc:
+            log.exception("thread.child_failed", child=name, error=type(exc).__name__)
+        finally:
+            # The mailbox is ours; wait for room rather than lose the bookkeeping message.
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await self.mailbox.send(ChildDone(name, scope))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def _on_publish(self, event: ThreadEvent) -> None:
+        if event.seq is None:
+            self._track_inflight(event)
+            frame = encode(event)
+            for sub, state in list(self.subscribers.items()):
+                if state.live:
+                    self._offer(sub, frame, event.committed_at)
+            return
+        if event.seq <= self.last_seq:
+            return  # already delivered (or replayed from the log by a late subscriber)
+        if event.seq > self.last_seq + 1:
+            await self._catch_up(upto=event.seq - 1)
+        self._deliver(event)
+
+    async def _catch_up(self, upto: int | None) -> None:
+        """Re-read ``(last_seq, upto]`` from the log (everything newer when ``upto`` is None)."""
+        self.lagging = False
+        if upto is None:
+            upto = await self._log.last_seq(self.thread_id)
+        if upto <= self.last_seq:
+            return
+        missing = await self._log.read(self.thread_id, self.last_seq, upto)
+        log.info("thread.caught_up", after_seq=self.last_seq, upto=upto, events=len(missing))
+        for event in missing:
+            if event.seq is not None and event.seq == self.last_seq + 1:
+                self._deliver(event)
+
+    def _deliver(self, event: ThreadEvent) -> None:
+        assert event.seq is not None
+        self.last_seq = event.seq
+        self._track_inflight(event)
+        frame = encode(event)
+        for sub, state in list(self.subscribers.items()):
+            if state.live:
+                self._offer(sub, frame, event.committed_at)
+            elif len(state.backlog) >= self._backlog_limit:
+                self._drop(sub, "slow_consumer")
+            else:
+                state.backlog.append((event.seq, frame, event.committed_at))
+
+    def _track_inflight(self, event: ThreadEvent) -> None:
+        message_id = event.data.get("message_id")
+        if event.type == "assistant.started" and isinstance(message_id, str):
+            self.inflight[message_id] = []
+        elif event.type == "assistant.delta" and isinstance(message_id, str):
+            parts = self.inflight.get(message_id)
+            if parts is not None:
+                parts.append(str(event.data.get("text", "")))
+        elif event.type in ("assistant.completed", "assistant.failed"):
+            ended = message_id if isinstance(message_id, str) else event.data.get("id")
+            if isinstance(ended, str):
+                self.inflight.pop(ended, None)
+
+    def _go_live(self, sub: Subscriber, replayed_upto: int) -> bool:
+        state = self.subscribers.get(sub)
+        if state is None:
+            return False
+        state.live = True
+        for seq, frame, committed_at in state.backlog:
+            if seq > replayed_upto and not self._offer(sub, frame, committed_at):
+                return False
+        state.backlog.clear()
+        for message_id, parts in self.inflight.items():
+            snapshot = ThreadEvent(
+                thread_id=self.thread_id,
+                type="assistant.started",
+                seq=None,
+                data={"message_id": message_id, "text": "".join(parts)},
+            )
+            if not self._offer(sub, encode(snapshot), None):
+                return False
+        return True
+
+    def _offer(self, sub: Subscriber, frame: str, committed_at: float | None) -> bool:
+        if sub.offer(frame, committed_at):
+            return True
+        self._drop(sub, "slow_consumer")
+        return False
+
+    def _drop(self, sub: Subscriber, reason: DropReason) -> None:
+        if self.subscribers.pop(sub, None) is not None:
+            log.info("thread.subscriber_dropped", reason=reason)
+            sub.dropped(self.thread_id, reason)
+
+    def _drop_all(self, reason: DropReason) -> None:
+        for sub in list(self.subscribers):
+            self._drop(sub, reason)

@@ -1,0 +1,171 @@
+"""``GET /ws``: the WebSocket transport, and the plugin that starts the actor system.
+
+The handshake is authenticated before the upgrade: a refusal is a plain HTTP 401/403 (503 while
+draining) with the contract's error body -- Quart sends a response returned before
+``websocket.accept()`` as an HTTP response through the ASGI ``websocket.http.response``
+extension, which hypercorn supports. Once accepted, the socket is handed to a connection actor
+(``actors/connection.py``) that runs inside this handler: the handler's task, and so the
+connection's nursery, belongs to hypercorn's per-connection task group; the actor ends when the
+client goes (Quart cancels the handler) or when the actor closes the socket.
+
+``realtime_plugin`` (in ``server.runtime.PLUGINS``) opens the actor system's nursery: a
+supervisor running the hub; it sets ``services.actors``/``services.publish``, registers this
+route and a shutdown hook that closes every client with 1001 within the grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import trio
+from quart import Response, current_app, websocket
+from quart_trio import QuartTrio
+
+from actors.connection import CLOSE_GOING_AWAY, Connection, Heartbeat
+from actors.hub import Hub
+from actors.supervisor import Supervisor
+from server import wsext
+from server.auth import authenticate_handshake
+from server.errors import ThreadlineError, Unavailable
+from server.services import Services
+from server.storage.events import EventLog
+from server.wsops import WSOps
+
+log = structlog.get_logger(__name__)
+
+wsext.install()
+
+# A close frame gets this long to reach a client before its TCP stream is aborted.
+CLOSE_TIMEOUT_S = 2.0
+
+
+@dataclass
+class Realtime:
+    """The actor system of one server: ``services.extras["realtime"]``."""
+
+    hub: Hub
+    supervisor: Supervisor
+    connections: set[Connection] = field(default_factory=set)
+
+    async def close_all(self, timeout_s: float) -> None:
+        """Close every connection with 1001 and wait (at most ``timeout_s``) until all are gone."""
+        for conn in list(self.connections):
+            conn.close(CLOSE_GOING_AWAY, "shutdown")
+        with trio.move_on_after(timeout_s):
+            for conn in list(self.connections):
+                await conn.closed.wait()
+        log.info("ws.drained", remaining=len(self.connections))
+
+
+class QuartTransport:
+    """``actors.connection.Transport`` over Quart's websocket and our hypercorn extension."""
+
+    def __init__(self, ws: Any, control: wsext.WSControl | None) -> None:
+        self._ws = ws
+        self._control = control
+
+    async def receive(self) -> str | bytes:
+        return await self._ws.receive()  # type: ignore[no-any-return]
+
+    async def send(self, text: str) -> None:
+        await self._ws.send(text)
+
+    async def ping(self, payload: bytes) -> None:
+        if self._control is not None:
+            await self._control.ping(payload)
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._ws.close(code, reason)
+
+    async def abort(self) -> None:
+        if self._control is not None:
+            await self._control.abort()
+
+    def server_close_code(self) -> int | None:
+        return self._control.server_close_code if self._control is not None else None
+
+
+def _refusal(exc: ThreadlineError) -> Response:
+    return Response(
+        json.dumps(exc.envelope(None)), status=exc.status, content_type="application/json"
+    )
+
+
+async def ws_endpoint() -> Response | None:
+    """The ``/ws`` handler: authenticate, accept, run a connection actor until it ends."""
+    services: Services = current_app.config["SERVICES"]
+    realtime: Realtime = services.extras["realtime"]
+    if services.draining.is_set():
+        return _refusal(Unavailable("The server is shutting down."))
+    try:
+        principal = await authenticate_handshake(
+            services, websocket.headers, websocket.cookies, websocket.query_string
+        )
+    except ThreadlineError as exc:
+        return _refusal(exc)
+    settings = services.settings
+    peer = (websocket.scope.get("client") or ("unknown",))[0]
+    client_ip = services.limiter.client_ip(peer, websocket.headers.get("X-Forwarded-For"))
+    await websocket.accept()
+    found = (websocket.scope.get("extensions") or {}).get(wsext.EXTENSION_KEY)
+    control = found if isinstance(found, wsext.WSControl) else None
+    heartbeat = Heartbeat(settings.heartbeat_interval_s, settings.heartbeat_timeout_s)
+    if control is not None:
+        control.on_pong = heartbeat.pong
+    ws_object = websocket._get_current_object()  # type: ignore[attr-defined]
+    conn = Connection(
+        QuartTransport(ws_object, control),
+        WSOps(services, realtime.hub, principal, client_ip),
+        heartbeat,
+        outbound_size=settings.ws_outbound_queue,
+        inbound_size=settings.ws_inbound_queue,
+        close_timeout_s=CLOSE_TIMEOUT_S,
+    )
+    structlog.contextvars.bind_contextvars(user_id=principal.user_id)
+    realtime.connections.add(conn)
+    log.info("ws.opened", connection_id=conn.id)
+    try:
+        await conn.run()
+    finally:
+        realtime.connections.discard(conn)
+        for thread_id in conn.subscriptions:
+            realtime.hub.forget(thread_id, conn)
+        conn.subscriptions.clear()
+    return None
+
+
+def register(app: QuartTrio) -> None:
+    """Add the ``/ws`` route to the app."""
+    app.add_websocket("/ws", "ws", ws_endpoint)
+
+
+@contextlib.asynccontextmanager
+async def realtime_plugin(services: Services) -> AsyncIterator[None]:
+    """Run the actor system for as long as the server runs (a ``server.runtime`` plugin)."""
+    hub = Hub.from_settings(EventLog(services.db), services.settings)
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery)
+        supervisor.probes["hub"] = hub.health
+        supervisor.supervise("hub", hub.run)
+        await hub.wait_ready()
+        realtime = Realtime(hub=hub, supervisor=supervisor)
+        services.actors = hub
+        services.publish = hub.publish
+        services.extras["realtime"] = realtime
+        services.extras["supervisor"] = supervisor
+        services.extras.setdefault("blueprints", []).append(register)
+
+        async def _close_clients() -> None:
+            # Leave a part of the grace period for in-flight replies and the listeners.
+            await realtime.close_all(services.settings.graceful_timeout_s * 0.5)
+
+        services.shutdown_hooks.append(_close_clients)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,123 @@
+"""A small, explicit extension of hypercorn's WebSocket stream (checked against hypercorn 0.18).
+
+Why: hypercorn (0.18) gives the ASGI app no way to
+(1) see Pong frames (it drops them; its own ``websocket_ping_interval`` never times out), nor
+(2) stop writing to a client that stopped reading: ``TCPServer.protocol_send`` runs
+``send_all`` in a *shielded* cancel scope, so ``await websocket.send(...)`` -- and a close frame --
+to a stalled client blocks forever and cannot be cancelled.
+
+What: ``install()`` wraps two methods, once per process:
+
+* ``TCPServer.run`` sets a context variable holding the ``TCPServer``; the ASGI app task is
+  spawned from that task, so it inherits the variable.
+* ``WSStream._accept`` (the ASGI ``websocket.accept``, which runs in the app task) puts a
+  ``WSControl`` into ``scope["extensions"]["threadline"]`` -- the very dict the app's
+  ``websocket.scope`` refers to -- after wrapping the wsproto connection's ``events`` so every
+  Pong is reported to ``WSControl.on_pong``.
+
+``WSControl`` offers ``ping(payload)`` (a real Ping frame through hypercorn's own send path),
+``abort()`` (closes the TCP socket: every blocked ``send_all`` wakes with
+``ClosedResourceError``, which hypercorn turns into a disconnect) and ``server_close_code``
+(1009 when hypercorn closed the stream itself for an oversized message).
+
+A different hypercorn version refuses to install (``RuntimeError`` at import of ``server.ws``)
+rather than misbehave silently; re-verify the two methods and bump ``SUPPORTED``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable, Generator
+from importlib.metadata import version
+from typing import Any
+
+import trio
+from hypercorn.protocol import ws_stream
+from hypercorn.trio import tcp_server
+from wsproto.events import CloseConnection, Event, Ping, Pong
+
+SUPPORTED = ("0.18.",)
+EXTENSION_KEY = "threadline"
+
+_tcp_server: contextvars.ContextVar[Any] = contextvars.ContextVar("threadline_tcp_server")
+_installed = False
+
+
+class WSControl:
+    """What the app may do to its WebSocket beyond ASGI (see the module docstring)."""
+
+    def __init__(self, stream: Any, tcp: Any) -> None:
+        self._stream = stream
+        self._tcp = tcp
+        self.on_pong: Callable[[bytes], None] = lambda payload: None
+        self.pongs = 0
+        self.server_close_code: int | None = None
+
+    def _pong(self, payload: bytes) -> None:
+        self.pongs += 1
+        self.on_pong(payload)
+
+    async def ping(self, payload: bytes) -> None:
+        """Send a Ping frame. Blocks (uncancellably) while the client's socket is full."""
+        await self._stream._send_wsproto_event(Ping(payload=payload))
+
+    async def abort(self) -> None:
+        """Close the TCP connection at once, without a close handshake."""
+        if self._tcp is None:
+            return
+        stream = getattr(self._tcp.stream, "transport_stream", self._tcp.stream)  # TLS: the socket
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+def install() -> None:
+    """Patch hypercorn once; refuse versions this code was not checked against."""
+    global _installed
+    if _installed:
+        return
+    installed = version("hypercorn")
+    if not installed.startswith(SUPPORTED):
+        raise RuntimeError(
+            f"server/wsext.py was checked against hypercorn {SUPPORTED}, found {installed}"
+        )
+
+    original_run = tcp_server.TCPServer.run
+    original_accept = ws_stream.WSStream._accept
+    original_send_event = ws_stream.WSStream._send_wsproto_event
+
+    @functools.wraps(original_run)
+    async def run(self: Any) -> None:
+        _tcp_server.set(self)
+        await original_run(self)
+
+    @functools.wraps(original_accept)
+    async def _accept(self: Any, message: Any) -> None:
+        control = WSControl(self, _tcp_server.get(None))
+        self.scope.setdefault("extensions", {})[EXTENSION_KEY] = control
+        self._threadline = control
+        await original_accept(self, message)
+        events = self.connection.events
+
+        def observed_events() -> Generator[Event, None, None]:
+            for event in events():
+                if isinstance(event, Pong):
+                    control._pong(bytes(event.payload))
+                yield event
+
+        self.connection.events = observed_events
+
+    @functools.wraps(original_send_event)
+    async def _send_wsproto_event(self: Any, event: Event) -> None:
+        control = getattr(self, "_threadline", None)
+        if isinstance(event, CloseConnection) and control is not None:
+            if control.server_close_code is None:
+                control.server_close_code = int(event.code)
+        await original_send_event(self, event)
+
+    tcp_server.TCPServer.run = run  # type: ignore[method-assign]
+    ws_stream.WSStream._accept = _accept  # type: ignore[method-assign]
+    ws_stream.WSStream._send_wsproto_event = _send_wsproto_event  # type: ignore[method-assign]
+    _installed = True
