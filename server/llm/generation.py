@@ -1,0 +1,414 @@
+"""Assistant replies: the ``Assistant`` the command bus and the WebSocket transport call.
+
+A reply, for one ``ReplyRequest``:
+
+1. **Start** (one transaction): lock the thread, then the project; build the prompt from the
+   latest summary and recent turns; check the content filter and the budget (recorded spend +
+   reservations + this reply's worst-case cost must fit ``monthly_budget_usd``); insert the
+   assistant message (``streaming``, seq = next, with its ``message.created`` event) and reserve
+   the worst-case cost. A refused reply is inserted ``failed`` with ``assistant.failed``
+   (``budget_exceeded`` / ``content_filtered``) and no provider is called.
+2. **Stream**: ``assistant.started {message_id}``, then ``assistant.delta {message_id, index,
+   text}`` frames coalesced by ``DeltaCoalescer``; the text so far is saved every
+   ``_SAVE_INTERVAL_S`` with unversioned updates.
+3. **Finish** (one transaction): final content and status, the closing durable event
+   (``assistant.completed {message_id, content, status, usage}`` with ``"cancelled": true`` for a
+   cancel; ``assistant.failed {message_id, content, status, reason, message}`` for a provider
+   failure or a shutdown), the usage row (the provider's figures, else a cl100k count marked
+   ``estimated``) and the reservation released.
+
+Cancellation: ``cancel(thread_id)`` ends a reply as ``cancelled``; any other cancellation
+(server shutdown, the thread actor stopping) ends it as ``interrupted``. Either way the final
+write runs shielded, with ``_FINAL_WRITE_TIMEOUT_S``, so the partial text is kept.
+
+One reply per thread at a time: a request arriving while the thread's reply is being generated
+waits in that thread's queue (at most ``_QUEUE_LIMIT``; beyond that it is dropped and logged) and
+starts when the current reply ends; ``cancel`` stops only the running reply.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import structlog
+import trio
+
+from server import metrics
+from server.commands.serialize import message_to_dict
+from server.errors import ThreadlineError
+from server.events import ThreadEvent
+from server.llm import pricing, tokens
+from server.llm.client import LLMClient, LLMError
+from server.llm.coalesce import DeltaCoalescer
+from server.llm.prompt import ContentFiltered, Prompt, Turn, build_prompt, check_content
+from server.llm.provider import Completion, Usage
+from server.services import ReplyRequest, Services
+from server.storage import assistant as store
+from server.storage import threads
+
+log = structlog.get_logger(__name__)
+
+_SAVE_INTERVAL_S = 1.0
+_FINAL_WRITE_TIMEOUT_S = 5.0
+_QUEUE_LIMIT = 8
+
+_FAILURE_TEXT = {
+    "budget_exceeded": "This project has used its monthly budget.",
+    "content_filtered": "The message contains content the assistant is configured to refuse.",
+    "circuit_open": "The language model is unavailable; calls are paused for a while.",
+    "timeout": "The language model did not answer in time.",
+    "provider_error": "The language model failed to answer.",
+    "interrupted": "The server stopped while the reply was being written.",
+    "internal": "Something went wrong on our side.",
+}
+
+
+@dataclass
+class _Reply:
+    """One reply in flight (bookkeeping for cancel and shutdown)."""
+
+    request: ReplyRequest
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    stop: str | None = None  # "cancelled" | "interrupted", set before the scope is cancelled
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    message: dict[str, Any]
+    prompt: Prompt
+    model: str
+
+
+class AssistantService:
+    """Generates replies under the thread's actor (``services.actors``) or its own nursery.
+
+    ``on_completed`` (the summariser's poke) is called with the thread id after each completed
+    reply. ``start_reply`` never blocks; see the module docstring for the rest.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        llm: LLMClient,
+        nursery: trio.Nursery,
+        *,
+        on_completed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.llm = llm
+        self._nursery = nursery
+        self._on_completed = on_completed
+        self._queues: dict[str, collections.deque[ReplyRequest]] = {}
+        self._active: dict[str, _Reply] = {}
+        self._closing = False
+
+    # -- the Assistant protocol ----------------------------------------------------------------
+
+    def start_reply(self, request: ReplyRequest) -> None:
+        """Queue a reply for the thread; start the thread's worker if none is running."""
+        if self._closing:
+            log.warning("assistant.refused_draining", thread_id=request.thread_id)
+            return
+        queue = self._queues.get(request.thread_id)
+        if queue is not None:
+            if len(queue) >= _QUEUE_LIMIT:
+                log.warning("assistant.queue_full", thread_id=request.thread_id)
+                return
+            queue.append(request)
+            return
+        self._queues[request.thread_id] = collections.deque([request])
+        self._spawn(request.thread_id, lambda: self._worker(request.thread_id))
+
+    async def cancel(self, thread_id: str) -> bool:
+        """Stop the reply being generated in ``thread_id`` (it ends ``cancelled``)."""
+        reply = self._active.get(thread_id)
+        if reply is None or reply.done.is_set():
+            return False
+        if reply.stop is None:
+            reply.stop = "cancelled"
+        reply.scope.cancel()
+        return True
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        return len(self._active)
+
+    async def shutdown(self) -> None:
+        """Refuse new replies; stop those in flight as ``interrupted`` and wait for their saves."""
+        self._closing = True
+        for queue in self._queues.values():
+            while len(queue) > 1:
+                queue.pop()
+        replies = list(self._active.values())
+        for reply in replies:
+            if reply.stop is None:
+                reply.stop = "interrupted"
+            reply.scope.cancel()
+        with trio.move_on_after(_FINAL_WRITE_TIMEOUT_S + 1):
+            for reply in replies:
+                await reply.done.wait()
+
+    def _spawn(self, thread_id: str, fn: Callable[[], Awaitable[None]]) -> None:
+        hub = self.services.actors
+        if hub is not None and hasattr(hub, "run_in_thread"):
+            try:
+                hub.run_in_thread(thread_id, "reply", fn)
+                return
+            except ThreadlineError as exc:
+                log.warning("assistant.actor_busy", thread_id=thread_id, error=exc.code)
+        self._nursery.start_soon(fn)
+
+    async def _worker(self, thread_id: str) -> None:
+        """Answer the thread's queued requests one after another."""
+        queue = self._queues[thread_id]
+        try:
+            while queue and not self._closing:
+                reply = _Reply(queue[0])
+                self._active[thread_id] = reply
+                try:
+                    with reply.scope:
+                        await self._generate(reply)
+                finally:
+                    reply.done.set()
+                    del self._active[thread_id]
+                    queue.popleft()
+        finally:
+            if self._queues.get(thread_id) is queue:
+                del self._queues[thread_id]
+
+    # -- one reply -----------------------------------------------------------------------------
+
+    async def _generate(self, reply: _Reply) -> None:
+        request = reply.request
+        bound = log.bind(thread_id=request.thread_id, reply_to=request.user_message_id)
+        try:
+            started = await self._start(request)
+        except (LookupError, ThreadlineError) as exc:
+            bound.warning("assistant.not_started", error=type(exc).__name__)
+            return
+        if started is None:
+            return
+        message_id = started.message["id"]
+        reply.message_id = message_id
+        bound = bound.bind(message_id=message_id)
+        self._publish(request.thread_id, "assistant.started", None, {"message_id": message_id})
+
+        parts: list[str] = []
+        index = 0
+
+        def emit(text: str) -> None:
+            nonlocal index
+            data = {"message_id": message_id, "index": index, "text": text}
+            self._publish(request.thread_id, "assistant.delta", None, data)
+            index += 1
+
+        coalescer = DeltaCoalescer(emit)
+
+        async def on_text(text: str) -> None:
+            parts.append(text)
+            coalescer.push(text)
+
+        completion: Completion | None = None
+        failure: LLMError | None = None
+        internal = False
+        async with trio.open_nursery() as helpers:
+            helpers.start_soon(coalescer.run)
+            helpers.start_soon(self._save_periodically, message_id, parts)
+            try:
+                completion = await self.llm.stream_chat(
+                    started.prompt.messages,
+                    max_tokens=self.settings.llm_max_reply_tokens,
+                    on_text=on_text,
+                )
+            except LLMError as exc:
+                failure = exc
+            except Exception:  # noqa: BLE001 - a bug must still settle the reply; Cancelled is not an Exception
+                bound.exception("assistant.internal_error")
+                internal = True
+            except BaseException:
+                # Cancelled (by ``cancel`` or by shutdown): keep the partial text, shielded.
+                coalescer.flush()
+                status = reply.stop if reply.stop == "cancelled" else "interrupted"
+                with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
+                    await self._finish(request, started, status, "".join(parts), None, status)
+                raise
+            finally:
+                helpers.cancel_scope.cancel()
+        coalescer.flush()
+        text = "".join(parts)
+        if completion is not None:
+            await self._finish(request, started, "completed", completion.text, completion, None)
+        else:
+            reason = failure.reason if failure is not None else "internal"
+            assert failure is not None or internal
+            await self._finish(request, started, "failed", text, None, reason)
+
+    async def _start(self, request: ReplyRequest) -> _Started | None:
+        """The start transaction (see module docstring). None when refused (already recorded)."""
+        settings = self.settings
+        model = self.llm.model
+        pending: list[tuple[str, int, dict[str, Any]]] = []
+        refused: str | None = None
+        async with self.services.db.transaction() as tx:
+            seq = await threads.lock_next_seq(tx, request.thread_id)
+            project = await store.lock_project(tx, request.project_id)
+            asked = await store.get_user_message(tx, request.user_message_id)
+            if project is None or asked is None:
+                raise LookupError("thread, project or message is gone")
+            summary = await store.latest_summary(tx, request.thread_id, before_seq=seq)
+            after = int(summary["end_seq"]) if summary is not None else 0
+            rows = await store.recent_turns(tx, request.thread_id, after_seq=after, before_seq=seq)
+            prompt = build_prompt(
+                settings,
+                summary=summary["content"] if summary is not None else None,
+                turns=[Turn(r["role"], r["content"]) for r in rows],
+            )
+            try:
+                check_content(settings, asked["content"])
+            except ContentFiltered:
+                refused = "content_filtered"
+            estimate = pricing.reply_estimate_usd(settings, model, prompt.tokens)
+            budget = project["monthly_budget_usd"]
+            if refused is None and budget is not None:
+                spent = await store.spend_this_month(tx, request.project_id)
+                if spent + estimate > Decimal(budget):
+                    refused = "budget_exceeded"
+            row = await store.insert_reply_message(
+                tx,
+                thread_id=request.thread_id,
+                seq=seq,
+                reply_to=request.user_message_id,
+                model=model,
+                status="failed" if refused else "streaming",
+            )
+            message = message_to_dict(row)
+            await store.append_event(tx, request.thread_id, seq, "message.created", message)
+            pending.append(("message.created", seq, message))
+            if refused is None:
+                await store.reserve(tx, message["id"], request.project_id, estimate)
+            else:
+                data = self._failed_payload(message["id"], "", "failed", refused)
+                await store.append_event(tx, request.thread_id, seq + 1, "assistant.failed", data)
+                pending.append(("assistant.failed", seq + 1, data))
+        for type_, event_seq, data in pending:
+            self._publish(request.thread_id, type_, event_seq, data)
+        if refused is not None:
+            log.info("assistant.refused", thread_id=request.thread_id, reason=refused)
+            metrics.LLM_REQUESTS.labels(outcome=refused).inc()
+            return None
+        return _Started(message=message, prompt=prompt, model=model)
+
+    async def _save_periodically(self, message_id: str, parts: list[str]) -> None:
+        saved = 0
+        while True:
+            await trio.sleep(_SAVE_INTERVAL_S)
+            if len(parts) == saved:
+                continue
+            saved = len(parts)
+            async with self.services.db.transaction() as tx:
+                await store.save_progress(tx, message_id, "".join(parts))
+
+    async def _finish(
+        self,
+        request: ReplyRequest,
+        started: _Started,
+        status: str,
+        text: str,
+        completion: Completion | None,
+        reason: str | None,
+    ) -> None:
+        """The finish transaction; publishes the closing event after commit."""
+        message_id = started.message["id"]
+        model = completion.model if completion is not None else started.model
+        usage: Usage | None = completion.usage if completion is not None else None
+        if usage is None and (text or completion is not None):
+            usage = Usage(
+                prompt_tokens=started.prompt.tokens,
+                completion_tokens=tokens.count_text(text),
+                estimated=True,
+            )
+        cost = Decimal(0)
+        usage_data: dict[str, Any] | None = None
+        if usage is not None:
+            cost = pricing.cost_usd(
+                self.settings, model, usage.prompt_tokens, usage.completion_tokens
+            )
+            usage_data = {
+                "model": model,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_usd": float(cost),
+                "estimated": usage.estimated,
+            }
+        async with self.services.db.transaction() as tx:
+            seq, _ = await store.finish_reply(
+                tx,
+                thread_id=request.thread_id,
+                message_id=message_id,
+                status=status,
+                content=text,
+                model=model,
+            )
+            if usage is not None:
+                await store.insert_usage(
+                    tx,
+                    message_id=message_id,
+                    thread_id=request.thread_id,
+                    project_id=request.project_id,
+                    model=model,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cost_usd=cost,
+                    estimated=usage.estimated,
+                )
+            if status in ("completed", "cancelled"):
+                type_ = "assistant.completed"
+                data: dict[str, Any] = {
+                    "message_id": message_id,
+                    "content": text,
+                    "status": status,
+                    "usage": usage_data,
+                }
+                if status == "cancelled":
+                    data["cancelled"] = True
+            else:
+                type_ = "assistant.failed"
+                data = self._failed_payload(message_id, text, status, reason or "internal")
+                data["usage"] = usage_data
+            await store.append_event(tx, request.thread_id, seq, type_, data)
+        self._publish(request.thread_id, type_, seq, data)
+        if usage is not None:
+            metrics.LLM_TOKENS.labels(kind="prompt").inc(usage.prompt_tokens)
+            metrics.LLM_TOKENS.labels(kind="completion").inc(usage.completion_tokens)
+            metrics.LLM_COST.inc(float(cost))
+        log.info(
+            "assistant.finished",
+            thread_id=request.thread_id,
+            message_id=message_id,
+            status=status,
+            reason=reason,
+            chars=len(text),
+        )
+        if status == "completed" and self._on_completed is not None:
+            self._on_completed(request.thread_id)
+
+    @staticmethod
+    def _failed_payload(message_id: str, content: str, status: str, reason: str) -> dict[str, Any]:
+        return {
+            "message_id": message_id,
+            "content": content,
+            "status": status,
+            "reason": reason,
+            "message": _FAILURE_TEXT.get(reason, _FAILURE_TEXT["internal"]),
+        }
+
+    def _publish(self, thread_id: str, type_: str, seq: int | None, data: dict[str, Any]) -> None:
+        self.services.publish(ThreadEvent(thread_id=thread_id, type=type_, seq=seq, data=data))

@@ -1,0 +1,228 @@
+"""SQL of assistant replies: their messages, budget reservations, usage rows and summaries.
+
+Lock order, the same as every writer of a thread: the thread row (``threads.lock_next_seq``)
+first, then the project row, then message rows. A reply writes in two short transactions, one
+to start (message + ``message.created`` + reservation) and one to finish (final content and
+status + its ``assistant.*`` event + usage row, reservation released); in between only
+unversioned progress saves touch the streaming message.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from server.db import Record, Tx
+from server.storage import messages, threads
+from server.storage.usage import project_spend_this_month
+
+# How far back a prompt may look, in messages; the token budget usually stops it sooner.
+HISTORY_LIMIT = 400
+
+
+async def lock_project(tx: Tx, project_id: str) -> Record | None:
+    """Lock the project row until commit; it has ``monthly_budget_usd`` (None: no limit)."""
+    return await tx.fetchrow(
+        "SELECT id, monthly_budget_usd FROM projects WHERE id = $1 FOR UPDATE", project_id
+    )
+
+
+async def spend_this_month(tx: Tx, project_id: str) -> Decimal:
+    """Recorded spend this month plus money reserved for replies in flight."""
+    return await project_spend_this_month(tx, project_id)
+
+
+async def get_user_message(tx: Tx, message_id: str) -> Record | None:
+    """The message a reply answers (any role; deleted ones too, so the caller can tell)."""
+    return await tx.fetchrow(
+        f"SELECT {messages.COLUMNS} FROM messages m WHERE m.id = $1", message_id
+    )
+
+
+async def latest_summary(tx: Tx, thread_id: str, before_seq: int | None = None) -> Record | None:
+    """The newest summary of the thread (covering messages up to ``end_seq``)."""
+    return await tx.fetchrow(
+        """SELECT id, content, start_seq, end_seq, start_message_id, end_message_id
+             FROM summaries WHERE thread_id = $1 AND ($2::bigint IS NULL OR end_seq < $2)
+            ORDER BY end_seq DESC LIMIT 1""",
+        thread_id,
+        before_seq,
+    )
+
+
+async def recent_turns(
+    tx: Tx, thread_id: str, *, after_seq: int, before_seq: int, limit: int = HISTORY_LIMIT
+) -> list[Record]:
+    """Non-deleted, non-empty user/assistant messages in (after_seq, before_seq), newest first."""
+    return await tx.fetch(
+        """SELECT id, seq, role, content FROM messages
+            WHERE thread_id = $1 AND seq > $2 AND seq < $3 AND deleted_at IS NULL
+              AND role IN ('user', 'assistant') AND content <> ''
+            ORDER BY seq DESC LIMIT $4""",
+        thread_id,
+        after_seq,
+        before_seq,
+        limit,
+    )
+
+
+async def insert_reply_message(
+    tx: Tx, *, thread_id: str, seq: int, reply_to: str, model: str, status: str
+) -> Record:
+    """The assistant's message at ``seq`` (empty; ``streaming`` unless refused at once)."""
+    return await messages.insert_message(
+        tx,
+        thread_id=thread_id,
+        seq=seq,
+        role="assistant",
+        author_id=None,
+        content="",
+        status=status,
+        reply_to=reply_to,
+        model=model,
+    )
+
+
+async def reserve(tx: Tx, message_id: str, project_id: str, amount_usd: Decimal) -> None:
+    """Set money aside for a reply in flight (released when the reply is settled)."""
+    await tx.execute(
+        "INSERT INTO budget_reservations (message_id, project_id, amount_usd) VALUES ($1, $2, $3)",
+        message_id,
+        project_id,
+        amount_usd,
+    )
+
+
+async def save_progress(tx: Tx, message_id: str, content: str) -> bool:
+    """Store the text so far of a streaming reply, unversioned (the trigger allows it while
+    the status is ``streaming``). False if the message is no longer streaming or was deleted."""
+    status = await tx.execute(
+        """UPDATE messages SET content = $2
+            WHERE id = $1 AND status = 'streaming' AND deleted_at IS NULL AND content <> $2""",
+        message_id,
+        content,
+    )
+    return status.endswith(" 1")
+
+
+async def finish_reply(
+    tx: Tx,
+    *,
+    thread_id: str,
+    message_id: str,
+    status: str,
+    content: str,
+    model: str,
+) -> tuple[int, Record]:
+    """Lock the thread, set the reply's final content and status, release its reservation.
+
+    Returns the seq its closing event must take and the updated message. A message the user
+    deleted meanwhile keeps its tombstone (only its status changes).
+    """
+    seq = await threads.lock_next_seq(tx, thread_id)
+    row = await tx.fetchrow(
+        f"""WITH m AS (
+                UPDATE messages
+                   SET status = $2, model = $4,
+                       content = CASE WHEN deleted_at IS NULL THEN $3 ELSE content END
+                 WHERE id = $1 RETURNING *)
+            SELECT {messages.COLUMNS} FROM m""",
+        message_id,
+        status,
+        content,
+        model,
+    )
+    if row is None:
+        raise LookupError(message_id)
+    await tx.execute("DELETE FROM budget_reservations WHERE message_id = $1", message_id)
+    return seq, row
+
+
+async def insert_usage(
+    tx: Tx,
+    *,
+    message_id: str,
+    thread_id: str,
+    project_id: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cost_usd: Decimal,
+    estimated: bool,
+) -> None:
+    """The usage row of one assistant message (at most one per message)."""
+    await tx.execute(
+        """INSERT INTO usage_records (message_id, thread_id, project_id, model, prompt_tokens,
+                                      completion_tokens, cost_usd, estimated)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+        message_id,
+        thread_id,
+        project_id,
+        model,
+        prompt_tokens,
+        completion_tokens,
+        cost_usd,
+        estimated,
+    )
+
+
+async def append_event(
+    tx: Tx, thread_id: str, seq: int, type_: str, payload: dict[str, Any]
+) -> None:
+    """A durable thread event at ``seq`` (see ``storage.threads.append_event``)."""
+    await threads.append_event(tx, thread_id, seq, type_, payload)
+
+
+# -- summaries ---------------------------------------------------------------------------------
+
+
+async def unsummarised_turns(tx: Tx, thread_id: str, after_seq: int) -> list[Record]:
+    """Finished, non-deleted user/assistant messages after ``after_seq``, oldest first."""
+    return await tx.fetch(
+        """SELECT id, seq, role, content FROM messages
+            WHERE thread_id = $1 AND seq > $2 AND deleted_at IS NULL
+              AND role IN ('user', 'assistant') AND status <> 'streaming' AND content <> ''
+            ORDER BY seq""",
+        thread_id,
+        after_seq,
+    )
+
+
+async def try_lock_summary(tx: Tx, thread_id: str) -> bool:
+    """Take the thread's summary lock until commit, without waiting; False if it is held."""
+    return bool(
+        await tx.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtext('threadline.summary'), hashtext($1))",
+            thread_id,
+        )
+    )
+
+
+async def insert_summary(
+    tx: Tx,
+    *,
+    thread_id: str,
+    start: Record,
+    end: Record,
+    content: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> Record | None:
+    """Store a summary of messages ``start``..``end``; None if that window is already summarised."""
+    return await tx.fetchrow(
+        """INSERT INTO summaries (thread_id, start_message_id, end_message_id, start_seq, end_seq,
+                                  content, model, prompt_tokens, completion_tokens)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+           ON CONFLICT (thread_id, start_message_id) DO NOTHING
+           RETURNING id, start_seq, end_seq, start_message_id, end_message_id, created_at""",
+        thread_id,
+        start["id"],
+        end["id"],
+        start["seq"],
+        end["seq"],
+        content,
+        model,
+        prompt_tokens,
+        completion_tokens,
+    )
