@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
+import httpx
+
+from server.db import Database
+from server.events import ThreadEvent
+from server.llm import tokens
 from server.llm.fake_server import FakeLLM
-from server.runtime import RunningServer
-from tests.llm.conftest import EventTap, request_for, seed_thread
+from server.runtime import RunningServer, open_server
+from tests.conftest import make_settings
+from tests.llm.conftest import (
+    EventTap,
+    Seeded,
+    add_message,
+    llm_settings,
+    request_for,
+    seed_thread,
+)
 
 
 async def _message(running: RunningServer, message_id: str) -> dict[str, object]:
@@ -67,3 +81,170 @@ async def test_streamed_reply_deltas_concatenate_to_stored_content(
         "SELECT count(*) FROM budget_reservations WHERE message_id = $1", message_id
     )
     assert reservations == 0
+
+
+async def _start_and_wait(running: RunningServer, tap: EventTap, seeded: Seeded) -> ThreadEvent:
+    """Ask for a reply and wait for its closing durable event."""
+    assert running.services.assistant is not None
+    before = len(_closing(tap, seeded.thread_id))
+    running.services.assistant.start_reply(request_for(seeded))
+    await tap.wait_for(lambda: len(_closing(tap, seeded.thread_id)) > before)
+    return _closing(tap, seeded.thread_id)[-1]
+
+
+def _closing(tap: EventTap, thread_id: str) -> list[ThreadEvent]:
+    return [e for e in tap.of(thread_id) if e.type in ("assistant.completed", "assistant.failed")]
+
+
+async def test_budget_stops_the_next_call_before_the_provider(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    db = llm_server.services.db
+    tap = EventTap(llm_server)
+    seeded = await seed_thread(db, ["first question"], budget=Decimal("100"))
+    first = await _start_and_wait(llm_server, tap, seeded)
+    assert first.type == "assistant.completed"
+    spent = await db.fetchval(
+        "SELECT sum(cost_usd) FROM usage_records WHERE project_id = $1", seeded.project_id
+    )
+    assert spent > 0
+    # The budget is now exactly what was spent: the next reply cannot fit.
+    await db.fetchval(
+        "UPDATE projects SET monthly_budget_usd = $2 WHERE id = $1", seeded.project_id, spent
+    )
+    requests = fake_llm.stats.requests
+    seeded.message_ids.append(await add_message(db, seeded, "second question"))
+    refused = await _start_and_wait(llm_server, tap, seeded)
+    assert refused.type == "assistant.failed" and refused.data["reason"] == "budget_exceeded"
+    assert fake_llm.stats.requests == requests  # no request reached the provider
+    stored = await _message(llm_server, refused.data["message_id"])
+    assert stored["status"] == "failed" and stored["content"] == ""
+    assert stored["seq"] == refused.seq - 1
+    rows = await db.fetchval(
+        "SELECT count(*) FROM usage_records WHERE message_id = $1", refused.data["message_id"]
+    )
+    held = await db.fetchval(
+        "SELECT count(*) FROM budget_reservations WHERE project_id = $1", seeded.project_id
+    )
+    assert rows == 0 and held == 0
+
+
+async def test_cancel_mid_stream_keeps_partial_text(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    fake_llm.configure(tokens=400, delay_per_token_ms=10)
+    tap = EventTap(llm_server)
+    seeded = await seed_thread(llm_server.services.db, ["write a long story"])
+    assistant = llm_server.services.assistant
+    assert assistant is not None
+    assistant.start_reply(request_for(seeded))
+    t = seeded.thread_id
+    await tap.wait_for(lambda: len(tap.of(t, "assistant.delta")) >= 3)
+    assert await assistant.cancel(t) is True
+    await tap.wait_for(lambda: bool(_closing(tap, t)))
+    closing = _closing(tap, t)[0]
+    assert closing.type == "assistant.completed" and closing.data["cancelled"] is True
+    text = "".join(d.data["text"] for d in tap.of(t, "assistant.delta"))
+    stored = await _message(llm_server, closing.data["message_id"])
+    assert stored["status"] == "cancelled"
+    assert stored["content"] == text == closing.data["content"]
+    assert 0 < len(text.split()) < 400
+    usage = await llm_server.services.db.fetchrow(
+        "SELECT * FROM usage_records WHERE message_id = $1", closing.data["message_id"]
+    )
+    assert usage is not None and usage["estimated"] is True
+    assert usage["completion_tokens"] == tokens.count_text(text)
+    assert await assistant.cancel(t) is False  # nothing running any more
+
+
+async def test_provider_failure_mid_stream_keeps_partial_text(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    fake_llm.configure(tokens=20, drop_after_tokens=4)
+    tap = EventTap(llm_server)
+    seeded = await seed_thread(llm_server.services.db, ["hi"])
+    closing = await _start_and_wait(llm_server, tap, seeded)
+    assert closing.type == "assistant.failed" and closing.data["reason"] == "provider_error"
+    stored = await _message(llm_server, closing.data["message_id"])
+    assert stored["status"] == "failed"
+    assert stored["content"] == "the quick brown fox" == closing.data["content"]
+    assert fake_llm.stats.requests == 1  # text had been streamed: no retry
+
+
+async def test_content_filter_refuses_without_calling_the_provider(
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+) -> None:
+    settings = llm_settings(tmp_path, fake_llm, content_filter="forbidden,Secret Plan")
+    async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as running:
+        tap = EventTap(running)
+        seeded = await seed_thread(running.services.db, ["tell me the SECRET plan"])
+        closing = await _start_and_wait(running, tap, seeded)
+    assert closing.type == "assistant.failed" and closing.data["reason"] == "content_filtered"
+    assert fake_llm.stats.requests == 0
+
+
+async def test_second_request_waits_for_the_running_reply(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    fake_llm.configure(tokens=30, delay_per_token_ms=2)
+    db = llm_server.services.db
+    tap = EventTap(llm_server)
+    seeded = await seed_thread(db, ["one"])
+    assistant = llm_server.services.assistant
+    assert assistant is not None
+    assistant.start_reply(request_for(seeded))
+    t = seeded.thread_id
+    await tap.wait_for(lambda: bool(tap.of(t, "assistant.started")))
+    seeded.message_ids.append(await add_message(db, seeded, "two"))
+    assistant.start_reply(request_for(seeded))
+    await tap.wait_for(lambda: len(_closing(tap, t)) == 2)
+    first, second = _closing(tap, t)
+    assert first.type == second.type == "assistant.completed"
+    assert first.seq is not None and second.seq is not None and first.seq < second.seq
+    # The second reply was generated after the first finished, and saw it in its prompt.
+    sent = fake_llm.stats.last_messages
+    assert [m["role"] for m in sent[-3:]] == ["user", "assistant", "user"]
+    assert sent[-2]["content"] == first.data["content"]
+
+
+async def test_shutdown_saves_an_in_flight_reply_as_interrupted(
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, db: Database
+) -> None:
+    fake_llm.configure(tokens=1000, delay_per_token_ms=10)
+    async with open_server(llm_settings(tmp_path, fake_llm), pg_dsn, bind="127.0.0.1:0") as running:
+        tap = EventTap(running)
+        seeded = await seed_thread(db, ["go on forever"])
+        assert running.services.assistant is not None
+        running.services.assistant.start_reply(request_for(seeded))
+        await tap.wait_for(lambda: len(tap.of(seeded.thread_id, "assistant.delta")) >= 2)
+    closing = _closing(tap, seeded.thread_id)
+    assert [e.type for e in closing] == ["assistant.failed"]
+    assert closing[0].data["reason"] == "interrupted"
+    row = await db.fetchrow(
+        "SELECT status, content FROM messages WHERE id = $1", closing[0].data["message_id"]
+    )
+    assert row is not None and row["status"] == "interrupted"
+    assert row["content"] and row["content"] == closing[0].data["content"]
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM budget_reservations WHERE message_id = $1",
+            closing[0].data["message_id"],
+        )
+        == 0
+    )
+
+
+async def test_offline_model_is_the_default(tmp_path: Path, pg_dsn: str, aio_loop: None) -> None:
+    async with open_server(make_settings(tmp_path), pg_dsn, bind="127.0.0.1:0") as running:
+        tap = EventTap(running)
+        seeded = await seed_thread(running.services.db, ["Are you a real model?"])
+        closing = await _start_and_wait(running, tap, seeded)
+        async with httpx.AsyncClient(base_url=running.url) as http:
+            ready = (await http.get("/readyz")).json()
+        stored = await _message(running, closing.data["message_id"])
+    assert ready["checks"]["llm"]["provider"] == "offline"
+    assert ready["checks"]["llm"]["ok"] is True
+    assert closing.type == "assistant.completed"
+    assert "offline model" in str(stored["content"]) and stored["model"] == "threadline-offline"
+    assert "Are you a real model?" in str(stored["content"])
+    assert closing.data["usage"]["cost_usd"] == 0.0
