@@ -174,7 +174,9 @@ async def revoke(services: Services, principal: Principal) -> None:
     expires = datetime.fromtimestamp(principal.expires_at, UTC)
     async with services.db.transaction(actor_id=principal.user_id) as tx:
         await token_store.revoke_token(tx, principal.jti, principal.user_id, expires)
-    log.info("auth.logged_out")
+        # Keeps the list as short as the set of live tokens; cheap on the expiry index.
+        purged = await token_store.purge_expired(tx)
+    log.info("auth.logged_out", purged_revocations=purged)
 
 
 # -- CSRF and origins ------------------------------------------------------------------------
