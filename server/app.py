@@ -12,7 +12,7 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from server import metrics, tracing
+from server import metrics, openapi, tracing
 from server.api import messages as messages_api
 from server.api import projects as projects_api
 from server.api import threads as threads_api
@@ -111,7 +111,7 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(ops_blueprint)
     # Also installs the guard: no tokens in URLs, rate limits on /api/ (server/api/auth.py).
     app.register_blueprint(auth_blueprint)
-    for resource in (projects_api, threads_api, messages_api):
+    for resource in (projects_api, threads_api, messages_api, openapi):
         app.register_blueprint(resource.blueprint)
     for register in services.extras.get("blueprints", []):
         register(app)
