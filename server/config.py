@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -107,6 +108,16 @@ class Settings(BaseSettings):
     def _csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
+
     @field_validator("llm_prices", mode="before")
     @classmethod
     def _prices(cls, value: Any) -> Any:
@@ -134,6 +145,10 @@ class Settings(BaseSettings):
             raise ValueError("THREADLINE_JWT_SECRET is required when THREADLINE_ENV=production")
         if self.db_pool_min > self.db_pool_max:
             raise ValueError("THREADLINE_DB_POOL_MIN must not exceed THREADLINE_DB_POOL_MAX")
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            raise ValueError(
+                "THREADLINE_ARGON2_MEMORY_KIB must be at least 8 x THREADLINE_ARGON2_PARALLELISM"
+            )
         return self
 
     # -- derived values -------------------------------------------------------------------
