@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from server import auth, migrate
+from server.config import ConfigError, load_settings
 from server.runtime import RunningServer, open_server
 from tests.conftest import make_settings
 
@@ -246,3 +247,8 @@ async def test_single_user_refuses_a_second_registration(
     with psycopg.connect(scratch_dsn) as conn:
         row = conn.execute("SELECT count(*) FROM users").fetchone()
     assert row is not None and row[0] == 1
+
+
+def test_argon2_memory_must_fit_the_parallelism() -> None:
+    with pytest.raises(ConfigError):
+        load_settings(argon2_memory_kib=16, argon2_parallelism=4)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server import auth, metrics
-from server.config import Settings
+from server.config import ConfigError, Settings, load_settings
 from server.errors import RateLimited
 from server.ratelimit import Limit, RateLimiter, client_ip, parse_networks
 from server.runtime import RunningServer
@@ -116,6 +116,12 @@ def test_settings_shape_the_limiter(tmp_path: Path) -> None:
     assert not limiter.is_trusted_proxy("192.168.1.2")
 
 
+def test_bad_trusted_proxies_are_a_config_error() -> None:
+    with pytest.raises(ConfigError) as bad:
+        load_settings(trusted_proxies="10.0.0.0/8, not-a-network")
+    assert "THREADLINE_TRUSTED_PROXIES" in str(bad.value)
+
+
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         Limit(0, 5)
@@ -183,6 +189,7 @@ async def test_per_user_limit_gives_429_with_retry_after(
     assert error["code"] == "rate_limited"
     assert error["details"]["retry_after_s"] > 0
     assert int(refused.headers["Retry-After"]) >= 1
+    assert error["request_id"] == refused.headers["X-Request-ID"]
     assert _rate_limited_total() == before + 2
     # Another user from the same IP still has their own bucket (and the IP has tokens left).
     ok = await client.get("/api/v1/auth/me", headers={"Authorization": f"Bearer {other}"})
