@@ -310,3 +310,51 @@ async def test_oversized_content_length_refused_before_body(
             received += chunk
     await stream.aclose()
     assert received.startswith(b"HTTP/1.1 413"), received[:200]
+
+
+async def test_usage_and_spend_this_month(api: Api, server: RunningServer) -> None:
+    project = await api.project(monthly_budget_usd=1)
+    pid = project["id"]
+    tid = (await api.thread(pid))["id"]
+    ids = [(await api.send(tid, f"m{i}")).json()["id"] for i in range(4)]
+    db = server.services.db
+    rows = [
+        (ids[0], "gpt-4o-mini", 100, 20, "0.25", "now()"),
+        (ids[1], "gpt-4o", 10, 5, "0.125", "now()"),
+        # Last month: in the totals, not in this month's figures or spend.
+        (ids[2], "gpt-4o", 1000, 500, "2", "date_trunc('month', now()) - interval '1 day'"),
+    ]
+    for message_id, model, prompt, completion, cost, at in rows:
+        await db.fetchval(
+            "INSERT INTO usage_records (message_id, thread_id, project_id, model, prompt_tokens,"
+            f" completion_tokens, cost_usd, estimated, created_at)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7::numeric, false, {at})",
+            message_id,
+            tid,
+            pid,
+            model,
+            prompt,
+            completion,
+            cost,
+        )
+    await db.fetchval(
+        "INSERT INTO budget_reservations (message_id, project_id, amount_usd) VALUES ($1, $2, 0.5)",
+        ids[3],
+        pid,
+    )
+    usage = (await api.call("GET", f"/projects/{pid}/usage", expect=200)).json()
+    assert usage["month"] == {"prompt_tokens": 110, "completion_tokens": 25, "cost_usd": 0.375}
+    assert usage["total"] == {"prompt_tokens": 1110, "completion_tokens": 525, "cost_usd": 2.375}
+    assert usage["by_model"] == [
+        {"model": "gpt-4o", "prompt_tokens": 1010, "completion_tokens": 505, "cost_usd": 2.125},
+        {"model": "gpt-4o-mini", "prompt_tokens": 100, "completion_tokens": 20, "cost_usd": 0.25},
+    ]
+    # Spend this month = this month's usage + reservations in flight; at the budget: refused.
+    got = (await api.call("GET", f"/projects/{pid}", expect=200)).json()
+    assert got["spend_this_month_usd"] == 0.875
+    listed = (await api.call("GET", "/projects", expect=200)).json()["items"]
+    assert [p["spend_this_month_usd"] for p in listed] == [0.875]
+    await api.call("PATCH", f"/projects/{pid}", json={"monthly_budget_usd": "0.875"}, expect=200)
+    assert_error(await api.send(tid, "one more", reply=True), 402, "budget_exceeded")
+    await api.call("PATCH", f"/projects/{pid}", json={"monthly_budget_usd": 0.9}, expect=200)
+    assert (await api.send(tid, "one more", reply=True)).status_code == 201
