@@ -6,7 +6,8 @@ import httpx
 import pytest
 import trio
 
-from server.runtime import RunningServer
+from server.config import Settings
+from server.runtime import RunningServer, open_server
 from tests.server.rest_client import Api, assert_error, new_api
 
 
@@ -358,3 +359,21 @@ async def test_usage_and_spend_this_month(api: Api, server: RunningServer) -> No
     assert_error(await api.send(tid, "one more", reply=True), 402, "budget_exceeded")
     await api.call("PATCH", f"/projects/{pid}", json={"monthly_budget_usd": 0.9}, expect=200)
     assert (await api.send(tid, "one more", reply=True)).status_code == 201
+
+
+async def test_idempotent_send_survives_a_restart(
+    settings: Settings, pg_dsn: str, aio_loop: None
+) -> None:
+    async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as first:
+        async with httpx.AsyncClient(base_url=first.url, timeout=10) as http:
+            api = await new_api(first, http)
+            tid = (await api.thread((await api.project())["id"]))["id"]
+            sent = await api.send(tid, "before restart", client_msg_id="r-1")
+            assert sent.status_code == 201
+    async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as second:
+        async with httpx.AsyncClient(base_url=second.url, timeout=10) as http:
+            again = Api(http, api.headers["Authorization"].removeprefix("Bearer "), api.user_id)
+            replay = await again.send(tid, "before restart", client_msg_id="r-1")
+            assert replay.status_code == 200 and replay.json() == sent.json()
+            conflict = await again.send(tid, "changed", client_msg_id="r-1")
+            assert_error(conflict, 409, "idempotency_conflict")
