@@ -56,6 +56,11 @@ async def test_readiness_follows_a_database_outage(
     ):
         ready = await client.get("/readyz")
         assert ready.status_code == 200, ready.text
+        account = {"email": "outage@example.com", "password": "a long password 1"}
+        assert (await client.post("/api/v1/auth/register", json=account)).status_code == 201
+        login = await client.post("/api/v1/auth/login", json=account)
+        bearer = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        client.cookies.clear()
 
         await trio.to_thread.run_sync(pgcontrol.stop, pgdata)
         started = trio.current_time()
@@ -71,12 +76,24 @@ async def test_readiness_follows_a_database_outage(
         # Metrics never touch the database: scrapes keep working through an outage.
         metrics = await client.get("/metrics")
         assert metrics.status_code == 200
+        # Requests that need the database fail fast with the contract's envelope.
+        with trio.fail_after(_TRANSITION_LIMIT_S):
+            refused = await client.get("/api/v1/projects", headers=bearer)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "unavailable"
+        assert "Traceback" not in refused.text
 
         await trio.to_thread.run_sync(functools.partial(pgcontrol.start, pgdata, sockets))
         back = await _poll_readyz(client, 200)
         assert back.json()["checks"]["database"]["ok"] is True
         assert back.json()["checks"]["migrations"]["ok"] is True
 
-        # The pool recovered: every connection it hands out works (no dead ones kept).
-        for _ in range(settings.db_pool_max * 2):
-            assert await running.services.db.fetchval("SELECT 1") == 1
+        # The pool recovered: every connection it hands out works (no dead ones kept), with
+        # all of them in use at once.
+        async def query() -> None:
+            assert await running.services.db.fetchval("SELECT 1 FROM pg_sleep(0.05)") == 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(settings.db_pool_max * 2):
+                nursery.start_soon(query)
+        assert (await client.get("/api/v1/projects", headers=bearer)).status_code == 200
