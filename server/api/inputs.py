@@ -65,7 +65,7 @@ def if_match_version(body: dict[str, Any]) -> None:
     if text.startswith("W/"):
         text = text[2:]
     text = text.strip().strip('"').strip()
-    if not text.isdigit() or len(text) > 10:
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
         raise ValidationFailed(
             "If-Match must be the message version, e.g. If-Match: 3.",
             details=field_error("If-Match", "must be an integer version"),

@@ -12,17 +12,33 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 from server.errors import ValidationFailed
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Title = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)]
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold U+0000; refuse it here rather than fail in the database.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+NoNul = AfterValidator(_no_nul)
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NoNul]
+Title = Annotated[str, StringConstraints(strip_whitespace=True, max_length=500), NoNul]
 Budget = Annotated[Decimal, Field(ge=0, max_digits=14, decimal_places=4)]
 Version = Annotated[int, Field(ge=1, le=2_147_483_647)]
 # The hard upper bound; the configured ``max_message_chars`` (default 32,000) applies on top.
-Content = Annotated[str, StringConstraints(min_length=1, max_length=1_000_000)]
-ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Content = Annotated[str, StringConstraints(min_length=1, max_length=1_000_000), NoNul]
+ClientMsgId = Annotated[str, StringConstraints(min_length=1, max_length=200), NoNul]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 

@@ -59,6 +59,15 @@ async def test_validation_names_fields(api: Api) -> None:
     assert error["details"]["fields"] == ["role"]
     error = assert_error(await api.send(thread["id"], ""), 422, "validation_failed")
     assert error["details"]["fields"] == ["content"]
+    # PostgreSQL text cannot hold NUL: refused as invalid input, never a 500.
+    error = assert_error(
+        await api.send(thread["id"], "a\u0000b", client_msg_id="c\u0000"), 422, "validation_failed"
+    )
+    assert error["details"]["fields"] == ["client_msg_id", "content"]
+    error = assert_error(
+        await api.call("POST", "/projects", json={"name": "a\u0000"}), 422, "validation_failed"
+    )
+    assert error["details"]["fields"] == ["name"]
     for query in ("limit=0", "limit=201", "limit=x"):
         error = assert_error(
             await api.call("GET", f"/threads/{thread['id']}/messages?{query}"),
