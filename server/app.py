@@ -6,6 +6,7 @@ import re
 import uuid
 from typing import Any
 
+import asyncpg
 import structlog
 import trio
 from quart import Response, g, jsonify, request
@@ -99,6 +100,12 @@ def create_app(services: Services) -> QuartTrio:
         if status == 413:
             message = "The request body is too large."
         return jsonify(error_envelope(code, message, current_request_id())), status
+
+    @app.errorhandler(asyncpg.CharacterNotInRepertoireError)
+    async def _unstorable_text(exc: Exception) -> tuple[Response, int]:
+        # e.g. U+0000 in any text field: PostgreSQL cannot store it; the input is at fault.
+        message = "The request contains characters that cannot be stored (such as NUL)."
+        return jsonify(error_envelope("bad_request", message, current_request_id())), 400
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> tuple[Response, int]:
