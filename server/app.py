@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 import structlog
 import trio
-from quart import Response, g, jsonify, request
+from quart import Response, g, jsonify, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -62,6 +62,15 @@ def create_app(services: Services) -> QuartTrio:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=g.request_id, method=request.method)
         g.span = tracing.bind_trace(request.headers.get(tracing.HEADER))
+
+    @app.before_websocket
+    async def _start_websocket() -> None:
+        # A WebSocket is one long request: its id and trace flow to every line it logs.
+        incoming = websocket.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=g.request_id)
+        g.span = tracing.bind_trace(websocket.headers.get(tracing.HEADER))
 
     @app.after_request
     async def _finish(response: Response) -> Response:
