@@ -10,8 +10,11 @@ import uuid
 import httpx
 import pytest
 import structlog
+import trio
 from structlog.testing import capture_logs
+from trio_websocket import open_websocket_url
 
+from server.runtime import RunningServer
 from server.tracing import parse_traceparent
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -127,3 +130,31 @@ def test_json_logs_carry_bound_context_and_never_secrets() -> None:
     assert "hunter2" not in result.stderr
     assert first["level"] == "info" and "timestamp" in first
     assert foreign["event"] == "plain stdlib" and foreign["request_id"] == "rid-123456789"
+
+
+async def test_websocket_log_lines_carry_the_request_id_and_trace(
+    server: RunningServer, client: httpx.AsyncClient
+) -> None:
+    body = {"email": f"trace-{uuid.uuid4().hex}@example.com", "password": "a long password 1"}
+    assert (await client.post("/api/v1/auth/register", json=body)).status_code == 201
+    token = (await client.post("/api/v1/auth/login", json=body)).json()["access_token"]
+    request_id = "ws-trace-" + uuid.uuid4().hex
+    url = server.url.replace("http://", "ws://") + "/ws"
+    headers = [
+        ("Authorization", f"Bearer {token}"),
+        ("X-Request-ID", request_id),
+        ("traceparent", VALID),
+    ]
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        async with open_websocket_url(url, extra_headers=headers) as ws:
+            await ws.send_message(json.dumps({"op": "ping", "ref": "p"}))
+            reply = json.loads(await ws.get_message())
+            assert reply["ok"] is True
+        with trio.fail_after(5):
+            while not any(line["event"] == "ws.closed" for line in logs):
+                await trio.sleep(0.05)
+    ours = [line for line in logs if line["event"].startswith("ws.")]
+    assert {"ws.opened", "ws.closed"} <= {line["event"] for line in ours}, logs
+    for line in ours:
+        assert line["request_id"] == request_id, line
+        assert line["trace_id"] == TRACE_ID, line
