@@ -53,7 +53,9 @@ async def post(services: Services, owner: Owner, thread_id: str, content: str) -
     result = await execute(
         services,
         owner.principal,
-        SendMessage(thread_id=thread_id, content=content, client_msg_id=uuid.uuid4().hex, reply=False),
+        SendMessage(
+            thread_id=thread_id, content=content, client_msg_id=uuid.uuid4().hex, reply=False
+        ),
     )
     assert result.data is not None
     return result.data

@@ -1,0 +1,248 @@
+"""Hub and thread actors in isolation: an in-memory event log, trio's autojump clock."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from actors.hub import Hub
+from actors.thread import DropReason
+from server.events import ThreadEvent
+
+T = "00000000-0000-0000-0000-000000000001"
+
+
+class MemoryLog:
+    """The durable log: events appended here are 'committed'; publishing is separate."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[ThreadEvent]] = {}
+        self.reads = 0
+
+    def append(self, thread_id: str, type_: str = "message.created") -> ThreadEvent:
+        log = self.events.setdefault(thread_id, [])
+        event = ThreadEvent(thread_id, type_, len(log) + 1, {"n": len(log) + 1})
+        log.append(event)
+        return event
+
+    async def last_seq(self, thread_id: str) -> int:
+        await trio.lowlevel.checkpoint()
+        return len(self.events.get(thread_id, []))
+
+    async def read(self, thread_id: str, after_seq: int, upto_seq: int) -> list[ThreadEvent]:
+        self.reads += 1
+        await trio.lowlevel.checkpoint()
+        return [e for e in self.events.get(thread_id, []) if after_seq < (e.seq or 0) <= upto_seq]
+
+
+class Sub:
+    """A subscriber with a queue of ``size`` frames."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.size = size
+        self.frames: list[dict[str, Any]] = []
+        self.drops: list[DropReason] = []
+
+    def offer(self, frame: str, committed_at: float | None) -> bool:
+        if len(self.frames) >= self.size:
+            return False
+        self.frames.append(json.loads(frame))
+        return True
+
+    async def put(self, frame: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self.frames.append(json.loads(frame))
+
+    def dropped(self, thread_id: str, reason: DropReason) -> None:
+        self.drops.append(reason)
+
+    def seqs(self) -> list[int]:
+        return [f["seq"] for f in self.frames if f["seq"] is not None]
+
+
+@pytest.fixture
+def memlog() -> MemoryLog:
+    return MemoryLog()
+
+
+@pytest.fixture
+async def hub(memlog: MemoryLog) -> AsyncIterator[Hub]:
+    hub = Hub(memlog, mailbox_size=8, idle_timeout_s=60.0, backlog_limit=50)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await hub.wait_ready()
+        yield hub
+        nursery.cancel_scope.cancel()
+
+
+async def subscribe(hub: Hub, sub: Sub, after_seq: int | None = 0) -> int:
+    subscription = await hub.subscribe(T, sub, after_seq)
+    assert await hub.finish_subscribe(subscription)
+    return subscription.last_seq
+
+
+async def test_replay_then_live_without_gap_or_duplicate(hub: Hub, memlog: MemoryLog) -> None:
+    for _ in range(5):
+        memlog.append(T)
+    early = Sub()
+    await subscribe(hub, early)
+    subscription = await hub.subscribe(T, late := Sub(), 2)
+    assert (subscription.last_seq, subscription.replayed) == (5, 3)
+    # Committed and published while the late subscriber is between reply and replay.
+    for _ in range(3):
+        hub.publish(memlog.append(T))
+    await trio.testing.wait_all_tasks_blocked()
+    assert await hub.finish_subscribe(subscription)
+    hub.publish(memlog.append(T))
+    await trio.testing.wait_all_tasks_blocked()
+    assert early.seqs() == list(range(1, 10))
+    assert late.seqs() == list(range(3, 10))
+
+
+async def test_gap_and_mailbox_overflow_are_filled_from_the_log(
+    hub: Hub, memlog: MemoryLog
+) -> None:
+    sub = Sub()
+    await subscribe(hub, sub)
+    # seq 1 is committed but its publish is lost; seq 2 arrives: the actor reads 1 from the log.
+    memlog.append(T)
+    hub.publish(memlog.append(T))
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.seqs() == [1, 2]
+    # A burst larger than the mailbox (8): the overflow is dropped and re-read.
+    for _ in range(40):
+        hub.publish(memlog.append(T))
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.seqs() == list(range(1, 43))
+    # Duplicates (a re-publish) are ignored.
+    hub.publish(memlog.events[T][5])
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.seqs() == list(range(1, 43))
+
+
+async def test_slow_subscriber_is_dropped_and_others_go_on(hub: Hub, memlog: MemoryLog) -> None:
+    slow, fast = Sub(size=3), Sub()
+    await subscribe(hub, slow)
+    await subscribe(hub, fast)
+    for _ in range(5):
+        hub.publish(memlog.append(T))
+        await trio.testing.wait_all_tasks_blocked()
+    assert slow.drops == ["slow_consumer"]
+    assert fast.seqs() == [1, 2, 3, 4, 5] and fast.drops == []
+    assert len(hub.actors[T].subscribers) == 1
+
+
+async def test_late_subscriber_gets_the_reply_so_far(hub: Hub, memlog: MemoryLog) -> None:
+    first = Sub()
+    await subscribe(hub, first)
+    hub.publish(ThreadEvent(T, "assistant.started", None, {"message_id": "m1"}))
+    for i, text in enumerate(["Hel", "lo"]):
+        hub.publish(
+            ThreadEvent(T, "assistant.delta", None, {"message_id": "m1", "index": i, "text": text})
+        )
+    await trio.testing.wait_all_tasks_blocked()
+    late = Sub()
+    await subscribe(hub, late)
+    assert late.frames == [
+        {
+            "op": "event",
+            "thread_id": T,
+            "type": "assistant.started",
+            "seq": None,
+            "data": {"message_id": "m1", "text": "Hello"},
+        }
+    ]
+    event = memlog.append(T, "assistant.completed")
+    hub.publish(ThreadEvent(T, event.type, event.seq, {"message_id": "m1"}))
+    await trio.testing.wait_all_tasks_blocked()
+    after = Sub()
+    await subscribe(hub, after, after_seq=None)
+    assert after.frames == []
+    assert [f["type"] for f in first.frames] == [
+        "assistant.started",
+        "assistant.delta",
+        "assistant.delta",
+        "assistant.completed",
+    ]
+
+
+async def test_concurrent_subscribes_make_one_actor_and_idle_stop(
+    memlog: MemoryLog, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = Hub(memlog, mailbox_size=8, idle_timeout_s=5.0, backlog_limit=50)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await hub.wait_ready()
+        subs = [Sub() for _ in range(20)]
+        async with trio.open_nursery() as inner:
+            for sub in subs:
+                inner.start_soon(subscribe, hub, sub)
+        assert hub.spawned == 1 and len(hub.actors[T].subscribers) == 20
+        for sub in subs:
+            await hub.unsubscribe(T, sub)
+        await trio.sleep(4.0)
+        assert T in hub.actors  # not idle for long enough yet
+        await trio.sleep(2.0)
+        assert hub.actors == {}
+        # The next use starts a fresh actor.
+        await subscribe(hub, Sub())
+        assert hub.spawned == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_in_thread_keeps_the_actor_and_cancel_stops_the_child(
+    memlog: MemoryLog, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub = Hub(memlog, mailbox_size=8, idle_timeout_s=1.0, backlog_limit=50)
+    started, finished = trio.Event(), trio.Event()
+    outcome: list[str] = []
+
+    async def reply() -> None:
+        started.set()
+        try:
+            await trio.sleep(3600)
+        except trio.Cancelled:
+            outcome.append("cancelled")
+            raise
+        finally:
+            finished.set()
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await hub.wait_ready()
+        hub.run_in_thread(T, "broken", broken)  # a failing child never takes the thread down
+        hub.run_in_thread(T, "reply", reply)
+        await started.wait()
+        await trio.sleep(30)  # far beyond the idle timeout: a child keeps the actor alive
+        assert T in hub.actors and hub.spawned == 1
+        assert await hub.cancel_in_thread(T, "reply") is True
+        await finished.wait()
+        assert outcome == ["cancelled"]
+        assert await hub.cancel_in_thread(T, "reply") is False
+        await trio.sleep(2)
+        assert hub.actors == {}
+        assert await hub.cancel_in_thread(T, "reply") is False
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_actor_drops_its_subscribers(hub: Hub, memlog: MemoryLog) -> None:
+    sub = Sub()
+    await subscribe(hub, sub)
+
+    async def fail(*args: Any) -> list[ThreadEvent]:
+        raise OSError("database gone")
+
+    memlog.read = fail  # type: ignore[method-assign]
+    memlog.append(T)
+    hub.publish(memlog.append(T))  # a gap: the re-read fails
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.drops == ["error"]
+    assert hub.actors == {}
