@@ -90,6 +90,9 @@ class FakeLLM:
         self.url = ""  # the /v1 base URL once serving
         self._release = trio.Event()
         self.request_started = trio.Event()  # set (and replaced) on each completion request
+        # trio.current_time() at which the first token of a stream was sent, by the last user
+        # message of its prompt (load tests measure the server's added latency from it).
+        self.first_token_at: dict[str, float] = {}
 
     def configure(self, **changes: Any) -> None:
         """Apply control changes: ``reset=True`` restores defaults, ``hang=False`` releases."""
@@ -186,8 +189,9 @@ class FakeLLM:
                 json.dumps(_completion(model, "".join(pieces), finish, usage)),
                 mimetype="application/json",
             )
+        key = next((m.content for m in reversed(prompt) if m.role == "user"), "")
         response = Response(
-            self._sse(model, pieces, finish, usage, controls),
+            self._sse(model, pieces, finish, usage, controls, key),
             mimetype="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -201,6 +205,7 @@ class FakeLLM:
         finish: str,
         usage: dict[str, int],
         controls: FakeControls,
+        key: str,
     ) -> AsyncIterator[bytes]:
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -217,6 +222,8 @@ class FakeLLM:
                     raise _DropConnection
                 if controls.delay_per_token_ms and i:
                     await trio.sleep(controls.delay_per_token_ms / 1000)
+                if i == 0:
+                    self.first_token_at[key] = trio.current_time()
                 yield _sse(_chunk(cid, created, model, {"content": piece}, None))
             yield _sse(_chunk(cid, created, model, {}, finish))
             yield _sse(

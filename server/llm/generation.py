@@ -2,11 +2,12 @@
 
 A reply, for one ``ReplyRequest``:
 
-1. **Start** (one transaction): lock the thread, then the project; build the prompt from the
-   latest summary and recent turns; check the content filter and the budget (recorded spend +
-   reservations + this reply's worst-case cost must fit ``monthly_budget_usd``); insert the
-   assistant message (``streaming``, seq = next, with its ``message.created`` event) and reserve
-   the worst-case cost. A refused reply is inserted ``failed`` with ``assistant.failed``
+1. **Start** (one transaction): lock the thread; build the prompt from the latest summary and
+   recent turns; check the content filter; if the project has a budget, lock the project row
+   and check it (recorded spend + reservations + this reply's worst-case cost must fit
+   ``monthly_budget_usd``; a budget set concurrently with a start applies from the next one);
+   insert the assistant message (``streaming``, seq = next, with its ``message.created`` event)
+   and reserve the worst-case cost. A refused reply is inserted ``failed`` with ``assistant.failed``
    (``budget_exceeded`` / ``content_filtered``) and no provider is called.
 2. **Stream**: ``assistant.started {message_id}``, then ``assistant.delta {message_id, index,
    text}`` frames coalesced by ``DeltaCoalescer``; the text so far is saved every
@@ -259,7 +260,7 @@ class AssistantService:
         refused: str | None = None
         async with self.services.db.transaction() as tx:
             seq = await threads.lock_next_seq(tx, request.thread_id)
-            project = await store.lock_project(tx, request.project_id)
+            project = await store.get_project(tx, request.project_id)
             asked = await store.get_user_message(tx, request.user_message_id)
             if project is None or asked is None:
                 raise LookupError("thread, project or message is gone")
@@ -276,10 +277,13 @@ class AssistantService:
             except ContentFiltered:
                 refused = "content_filtered"
             estimate = pricing.reply_estimate_usd(settings, model, prompt.tokens)
-            budget = project["monthly_budget_usd"]
-            if refused is None and budget is not None:
+            if refused is None and project["monthly_budget_usd"] is not None:
+                # Only budgeted projects serialise their reply starts on the project row
+                # (held until commit); unlimited ones start replies in parallel.
+                project = await store.get_project(tx, request.project_id, lock=True)
+                budget = project["monthly_budget_usd"] if project is not None else None
                 spent = await store.spend_this_month(tx, request.project_id)
-                if spent + estimate > Decimal(budget):
+                if budget is not None and spent + estimate > Decimal(budget):
                     refused = "budget_exceeded"
             row = await store.insert_reply_message(
                 tx,

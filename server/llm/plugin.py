@@ -16,6 +16,7 @@ import trio
 from actors.summariser import Summariser
 from server.config import Settings
 from server.events import ThreadEvent
+from server.llm import tokens
 from server.llm.client import LLMClient
 from server.llm.generation import AssistantService
 from server.llm.offline import OfflineProvider
@@ -36,6 +37,9 @@ def build_provider(settings: Settings) -> Provider:
 @contextlib.asynccontextmanager
 async def assistant_plugin(services: Services) -> AsyncIterator[None]:
     """Run the assistant subsystem for the lifetime of the server (see module docstring)."""
+    # Build the tokenizer now, off the event loop: done lazily, the first reply would block
+    # every task for the ~0.5 s it takes to load the ranks.
+    await trio.to_thread.run_sync(tokens.encoding)
     llm = LLMClient(build_provider(services.settings), services.settings)
 
     def publish(event: ThreadEvent) -> None:

@@ -1,10 +1,10 @@
 """SQL of assistant replies: their messages, budget reservations, usage rows and summaries.
 
 Lock order, the same as every writer of a thread: the thread row (``threads.lock_next_seq``)
-first, then the project row, then message rows. A reply writes in two short transactions, one
-to start (message + ``message.created`` + reservation) and one to finish (final content and
-status + its ``assistant.*`` event + usage row, reservation released); in between only
-unversioned progress saves touch the streaming message.
+first, then the project row (only when it has a budget), then message rows. A reply writes in
+two short transactions, one to start (message + ``message.created`` + reservation) and one to
+finish (final content and status + its ``assistant.*`` event + usage row, reservation
+released); in between only unversioned progress saves touch the streaming message.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ from server.storage.usage import project_spend_this_month
 HISTORY_LIMIT = 400
 
 
-async def lock_project(tx: Tx, project_id: str) -> Record | None:
-    """Lock the project row until commit; it has ``monthly_budget_usd`` (None: no limit)."""
+async def get_project(tx: Tx, project_id: str, *, lock: bool = False) -> Record | None:
+    """The project's ``monthly_budget_usd`` (None: no limit); ``lock`` holds the row until commit.
+
+    Locking serialises the budget check and reservation of concurrent replies in a project.
+    """
     return await tx.fetchrow(
-        "SELECT id, monthly_budget_usd FROM projects WHERE id = $1 FOR UPDATE", project_id
+        "SELECT id, monthly_budget_usd FROM projects WHERE id = $1"
+        + (" FOR UPDATE" if lock else ""),
+        project_id,
     )
 
 
