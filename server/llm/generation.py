@@ -56,6 +56,8 @@ log = structlog.get_logger(__name__)
 _SAVE_INTERVAL_S = 1.0
 _FINAL_WRITE_TIMEOUT_S = 5.0
 _QUEUE_LIMIT = 8
+# A streaming reply older than the total timeout plus this cannot be alive in any process.
+_STALE_MARGIN_S = 60.0
 
 _FAILURE_TEXT = {
     "budget_exceeded": "This project has used its monthly budget.",
@@ -157,6 +159,45 @@ class AssistantService:
             for reply in replies:
                 await reply.done.wait()
 
+    async def recover_stale(self) -> int:
+        """End replies left ``streaming`` by a process that died (no shutdown hook ran).
+
+        A reply older than the total timeout plus a margin cannot be alive in any process, so
+        it is marked ``interrupted`` with ``assistant.failed`` (reason ``interrupted``) and its
+        reservation is released. Returns how many were ended.
+        """
+        older_than = self.settings.llm_total_timeout_s + _STALE_MARGIN_S
+        async with self.services.db.transaction() as tx:
+            rows = await store.stale_streaming(tx, older_than)
+        ended = 0
+        for row in rows:
+            thread_id, message_id = str(row["thread_id"]), str(row["id"])
+            if thread_id in self._active:
+                continue
+            async with self.services.db.transaction() as tx:
+                found = await store.interrupt_stale(tx, thread_id, message_id)
+                if found is None:
+                    continue
+                seq, message = found
+                data = self._failed_payload(
+                    message_id, message["content"], "interrupted", "interrupted"
+                )
+                await store.append_event(tx, thread_id, seq, "assistant.failed", data)
+            self._publish(thread_id, "assistant.failed", seq, data)
+            ended += 1
+        if ended:
+            log.warning("assistant.recovered_stale", count=ended)
+        return ended
+
+    async def sweep_stale(self) -> None:
+        """Run ``recover_stale`` now and then every ``llm_total_timeout_s`` (until cancelled)."""
+        while True:
+            try:
+                await self.recover_stale()
+            except Exception:  # a janitor's failure must not stop the server; next round retries
+                log.exception("assistant.recovery_failed")
+            await trio.sleep(self.settings.llm_total_timeout_s)
+
     def _spawn(self, thread_id: str, fn: Callable[[], Awaitable[None]]) -> None:
         hub = self.services.actors
         if hub is not None and hasattr(hub, "run_in_thread"):
@@ -177,6 +218,11 @@ class AssistantService:
                 try:
                     with reply.scope:
                         await self._generate(reply)
+                except Exception:
+                    # e.g. the database failed the start or the final write: the message (if
+                    # any) stays ``streaming`` until ``recover_stale`` ends it; the thread's
+                    # next request still runs.
+                    log.exception("assistant.reply_error", thread_id=thread_id)
                 finally:
                     reply.done.set()
                     del self._active[thread_id]

@@ -54,6 +54,7 @@ async def assistant_plugin(services: Services) -> AsyncIterator[None]:
             services.extras["llm"] = llm
             services.extras["summariser"] = summariser
             services.shutdown_hooks.append(assistant.shutdown)
+            nursery.start_soon(assistant.sweep_stale)
             try:
                 yield
             finally:

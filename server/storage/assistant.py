@@ -231,3 +231,32 @@ async def insert_summary(
         prompt_tokens,
         completion_tokens,
     )
+
+
+# -- recovery ----------------------------------------------------------------------------------
+
+
+async def stale_streaming(tx: Tx, older_than_s: float, limit: int = 100) -> list[Record]:
+    """Assistant messages still ``streaming`` long after any live reply could have ended."""
+    return await tx.fetch(
+        """SELECT id, thread_id FROM messages
+            WHERE status = 'streaming' AND created_at < now() - make_interval(secs => $1)
+            ORDER BY created_at LIMIT $2""",
+        older_than_s,
+        limit,
+    )
+
+
+async def interrupt_stale(tx: Tx, thread_id: str, message_id: str) -> tuple[int, Record] | None:
+    """Mark one stale reply ``interrupted`` (thread locked first); None if it has ended since."""
+    seq = await threads.lock_next_seq(tx, thread_id)
+    row = await tx.fetchrow(
+        f"""WITH m AS (UPDATE messages SET status = 'interrupted'
+                        WHERE id = $1 AND status = 'streaming' RETURNING *)
+            SELECT {messages.COLUMNS} FROM m""",
+        message_id,
+    )
+    if row is None:
+        return None
+    await tx.execute("DELETE FROM budget_reservations WHERE message_id = $1", message_id)
+    return seq, row

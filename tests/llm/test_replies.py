@@ -7,11 +7,14 @@ from pathlib import Path
 
 import httpx
 
+from server.commands.serialize import message_to_dict
 from server.db import Database
 from server.events import ThreadEvent
 from server.llm import tokens
 from server.llm.fake_server import FakeLLM
+from server.llm.generation import AssistantService
 from server.runtime import RunningServer, open_server
+from server.storage import messages, threads
 from tests.conftest import make_settings
 from tests.llm.conftest import (
     EventTap,
@@ -248,3 +251,50 @@ async def test_offline_model_is_the_default(tmp_path: Path, pg_dsn: str, aio_loo
     assert "offline model" in str(stored["content"]) and stored["model"] == "threadline-offline"
     assert "Are you a real model?" in str(stored["content"])
     assert closing.data["usage"]["cost_usd"] == 0.0
+
+
+async def test_replies_left_streaming_by_a_dead_process_are_interrupted(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    db = llm_server.services.db
+    seeded = await seed_thread(db, ["hello?"])
+    # What a crashed process leaves behind: a streaming reply, partly saved, and its reservation.
+    async with db.transaction() as tx:
+        seq = await threads.lock_next_seq(tx, seeded.thread_id)
+        row = await messages.insert_message(
+            tx,
+            thread_id=seeded.thread_id,
+            seq=seq,
+            role="assistant",
+            author_id=None,
+            content="half an ans",
+            status="streaming",
+            reply_to=seeded.message_ids[0],
+            model="fake-gpt",
+        )
+        await threads.append_event(
+            tx, seeded.thread_id, seq, "message.created", message_to_dict(row)
+        )
+        await tx.execute(
+            "INSERT INTO budget_reservations (message_id, project_id, amount_usd)"
+            " VALUES ($1, $2, 1)",
+            row["id"],
+            seeded.project_id,
+        )
+    assistant = llm_server.services.assistant
+    assert isinstance(assistant, AssistantService)
+    assert await assistant.recover_stale() == 0  # young: it may belong to a live process
+    await db.fetchval(
+        "UPDATE messages SET created_at = created_at - interval '1 hour' WHERE id = $1", row["id"]
+    )
+    tap = EventTap(llm_server)
+    assert await assistant.recover_stale() == 1
+    stored = await _message(llm_server, str(row["id"]))
+    assert stored["status"] == "interrupted" and stored["content"] == "half an ans"
+    failed = tap.of(seeded.thread_id, "assistant.failed")
+    assert [e.data["reason"] for e in failed] == ["interrupted"] and failed[0].seq == seq + 1
+    held = await db.fetchval(
+        "SELECT count(*) FROM budget_reservations WHERE message_id = $1", row["id"]
+    )
+    assert held == 0
+    assert await assistant.recover_stale() == 0
