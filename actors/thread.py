@@ -186,6 +186,8 @@ class ThreadActor:
     async def run(self) -> None:
         """Serve the mailbox until idle or cancelled; never raises except ``Cancelled``."""
         metrics.THREAD_ACTORS.inc()
+        # Spawned from whichever task used the thread first: drop that task's log context.
+        structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(thread_id=self.thread_id)
         try:
             async with trio.open_nursery() as children:

@@ -1,0 +1,199 @@
+"""WebSocket transport limits over loopback: slow consumers, oversized frames, abuse,
+heartbeats through the hypercorn extension, and no state left behind by many connections."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from server import metrics
+from server.events import ThreadEvent
+from server.runtime import RunningServer, open_server
+from server.ws import Realtime
+from tests.conftest import make_settings
+from tests.server.ws_support import connect, new_owner, new_thread, post, ws_url
+
+
+@contextlib.asynccontextmanager
+async def server_with(
+    tmp_path: Path, pg_dsn: str, **overrides: Any
+) -> AsyncIterator[RunningServer]:
+    async with open_server(
+        make_settings(tmp_path, **overrides), pg_dsn, bind="127.0.0.1:0"
+    ) as running:
+        yield running
+
+
+def realtime(server: RunningServer) -> Realtime:
+    return server.services.extras["realtime"]  # type: ignore[no-any-return]
+
+
+def disconnects(reason: str) -> float:
+    return metrics.WS_DISCONNECTS.labels(reason=reason)._value.get()
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` (a bounded loop on a condition, not a sleep for time to pass)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_stalled_client_is_closed_4002_and_others_keep_receiving(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    async with server_with(tmp_path, pg_dsn, ws_outbound_queue=128) as server:
+        services = server.services
+        owner = await new_owner(services)
+        thread_id = await new_thread(services, owner)
+        before = disconnects("slow_consumer")
+        headers = [("Authorization", f"Bearer {owner.token}")]
+        # Two stalled clients: one resumes reading after the verdict, one never does.
+        async with (
+            open_websocket_url(ws_url(server), extra_headers=headers) as resumes,
+            open_websocket_url(ws_url(server), extra_headers=headers) as never,
+            connect(server, owner.token) as healthy,
+        ):
+            for ws in (resumes, never):
+                await ws.send_message(
+                    json.dumps({"op": "subscribe", "ref": "s", "thread_id": thread_id})
+                )
+                assert json.loads(await ws.get_message())["ok"]
+            assert (await healthy.request("subscribe", thread_id=thread_id))["ok"]
+            by_id = sorted(realtime(server).connections, key=lambda c: c.id)
+            stalled = by_id[:2]  # opened first, in this order
+            stalled_ids = {c.id for c in stalled}
+            # A burst of large events: far more than the stalled clients' socket buffers hold.
+            big = "x" * 60_000
+            burst = 300
+            started = trio.current_time()
+            for i in range(burst):
+                services.publish(
+                    ThreadEvent(
+                        thread_id,
+                        "assistant.delta",
+                        None,
+                        {"message_id": "m", "index": i, "text": big},
+                    )
+                )
+                if i % 4 == 3:
+                    await trio.sleep(0.01)  # a publisher's pace, not a wait for a condition
+            await healthy.wait_events(burst, timeout=20)
+            healthy_done = trio.current_time() - started
+            assert healthy_done < 10, healthy_done
+            # The server's verdict on both stalled clients (their close is now pending).
+            await until(lambda: all(c.close_code == 4002 for c in stalled))
+            # The one that drains its socket finds the 4002 close frame after the frames.
+            with trio.fail_after(10):
+                try:
+                    while True:
+                        await resumes.get_message()
+                except ConnectionClosed as exc:
+                    assert exc.reason.code == 4002
+            # The one that never reads is aborted; nothing of either is left on the server.
+            await until(lambda: disconnects("slow_consumer") - before == 2)
+            await until(lambda: not ({c.id for c in realtime(server).connections} & stalled_ids))
+            assert [c for c in realtime(server).hub.actors[thread_id].subscribers] == [
+                c for c in realtime(server).connections
+            ]
+            # And the healthy client still gets durable events, in order.
+            message = await post(services, owner, thread_id, "after the storm")
+            await healthy.wait_for(lambda: any(e["seq"] == message["seq"] for e in healthy.events))
+
+
+async def test_oversized_frame_closes_1009(server: RunningServer) -> None:
+    owner = await new_owner(server.services)
+    before = disconnects("too_large")
+    async with connect(server, owner.token) as client:
+        await client.ws.send_message(json.dumps({"op": "ping", "ref": "x", "pad": "y" * 70_000}))
+        assert (await client.wait_closed())[0] == 1009
+    await until(lambda: disconnects("too_large") - before == 1)
+    await until(lambda: not realtime(server).connections)
+
+
+async def test_rate_limit_refusals_then_4029(tmp_path: Path, pg_dsn: str, aio_loop: None) -> None:
+    async with server_with(
+        tmp_path, pg_dsn, rate_limit_per_s=1, rate_limit_burst=5, ws_abuse_strikes=10
+    ) as server:
+        owner = await new_owner(server.services)
+        limited = metrics.RATE_LIMITED.labels(transport="ws")._value.get()
+        async with connect(server, owner.token) as client:
+            for i in range(30):
+                with contextlib.suppress(ConnectionClosed):
+                    await client.ws.send_message(json.dumps({"op": "ping", "ref": f"p{i}"}))
+            code, _ = await client.wait_closed()
+            replies = [r for r in client._replies.values()]
+        assert code == 4029
+        refusals = [r for r in replies if not r["ok"]]
+        assert refusals and all(r["error"]["code"] == "rate_limited" for r in refusals)
+        assert all("retry_after_s" in r["error"]["details"] for r in refusals)
+        assert sum(r["ok"] for r in replies) <= 6
+        assert metrics.RATE_LIMITED.labels(transport="ws")._value.get() - limited >= 10
+
+
+async def test_heartbeat_pings_go_out_and_pongs_come_back(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    async with server_with(
+        tmp_path, pg_dsn, heartbeat_interval_s=0.05, heartbeat_timeout_s=5
+    ) as server:
+        owner = await new_owner(server.services)
+        async with connect(server, owner.token) as client:
+            await until(lambda: len(realtime(server).connections) == 1)
+            (conn,) = realtime(server).connections
+            await until(lambda: conn.heartbeat.pongs >= 3)
+            assert (await client.request("ping"))["ok"]
+            assert conn.close_code is None
+
+
+async def test_thousand_connections_leave_nothing_behind(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    async with server_with(
+        tmp_path,
+        pg_dsn,
+        thread_idle_timeout_s=0.2,
+        rate_limit_per_s=1e6,
+        rate_limit_burst=1_000_000,
+        ip_rate_limit_per_s=1e6,
+        ip_rate_limit_burst=1_000_000,
+    ) as server:
+        await _thousand_cycles(server)
+
+
+async def _thousand_cycles(server: RunningServer) -> None:
+    services = server.services
+    owner = await new_owner(services)
+    threads = [await new_thread(services, owner) for _ in range(5)]
+    url = ws_url(server)
+    headers = [("Authorization", f"Bearer {owner.token}")]
+    hub = realtime(server).hub
+
+    async def cycle(i: int) -> None:
+        async with open_websocket_url(url, extra_headers=headers) as ws:
+            await ws.send_message(
+                json.dumps(
+                    {"op": "subscribe", "ref": "s", "thread_id": threads[i % 5], "after_seq": 0}
+                )
+            )
+            assert json.loads(await ws.get_message())["ok"]
+
+    async def worker(start: int) -> None:
+        for i in range(start, 1000, 20):
+            await cycle(i)
+
+    async with trio.open_nursery() as nursery:
+        for w in range(20):
+            nursery.start_soon(worker, w)
+    await until(lambda: not realtime(server).connections)
+    await until(lambda: all(not a.subscribers for a in hub.actors.values()))
+    assert hub.spawned >= 5
+    # Idle actors then stop on their own (idle timeout 0.2 s here).
+    await until(lambda: not hub.actors)
+    assert hub.health()["subscribers"] == 0
