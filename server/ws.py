@@ -154,6 +154,7 @@ async def realtime_plugin(services: Services) -> AsyncIterator[None]:
         supervisor.supervise("hub", hub.run)
         await hub.wait_ready()
         realtime = Realtime(hub=hub, supervisor=supervisor)
+        supervisor.probes["connections"] = lambda: {"open": len(realtime.connections)}
         services.actors = hub
         services.publish = hub.publish
         services.extras["realtime"] = realtime
