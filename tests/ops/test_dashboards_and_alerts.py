@@ -245,3 +245,26 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
         [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_compose_stack_mounts_files_that_exist_where_they_are_expected() -> None:
+    compose_path = ROOT / "ops" / "docker-compose.yml"
+    compose = yaml.safe_load(compose_path.read_text())
+    mounts: dict[str, str] = {}
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                assert (compose_path.parent / source).exists(), source
+                mounts[target] = source
+    provider = yaml.safe_load((PROVISIONING / "dashboards" / "threadline.yml").read_text())
+    folder = provider["providers"][0]["options"]["path"]
+    assert any(target.startswith(folder) for target in mounts), mounts
+    scrape = yaml.safe_load((ROOT / "ops" / "prometheus" / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["threadline:8000"]
+    assert "threadline" in compose["services"]
+    # The rule file Prometheus loads is mounted next to its configuration.
+    assert "/etc/prometheus/" + scrape["rule_files"][0] in mounts
+    source = yaml.safe_load((PROVISIONING / "datasources" / "threadline.yml").read_text())
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    assert "prometheus" in compose["services"]
