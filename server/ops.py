@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -72,9 +73,18 @@ def _check_component(services: Services, name: str) -> dict[str, Any]:
 async def readyz() -> tuple[Response, int]:
     """Readiness: database, schema revision, LLM circuit, actors and draining state."""
     services = _services()
+    found: dict[str, dict[str, Any]] = {}
+
+    async def run(name: str, check: Callable[[Services], Awaitable[dict[str, Any]]]) -> None:
+        found[name] = await check(services)
+
+    # Concurrently: a database that does not answer costs one time limit, not two.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "database", _check_database)
+        nursery.start_soon(run, "migrations", _check_migrations)
     checks = {
-        "database": await _check_database(services),
-        "migrations": await _check_migrations(services),
+        "database": found["database"],
+        "migrations": found["migrations"],
         "llm": _check_component(services, "llm"),
         "actors": _check_component(services, "supervisor"),
     }
