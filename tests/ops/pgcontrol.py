@@ -8,10 +8,12 @@ answers on the same DSN.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pgserver
+import psutil
 
 PG_CTL = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
 
@@ -67,3 +69,15 @@ def start(pgdata: Path, sockets: str) -> None:
     )
     if result.returncode != 0:
         raise RuntimeError(f"pg_ctl start failed ({result.returncode}): {result.stderr}")
+
+
+def freeze(pgdata: Path, sig: signal.Signals = signal.SIGSTOP) -> None:
+    """Stop (or, with SIGCONT, resume) the postmaster and every backend: a silent database."""
+    pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    postmaster = psutil.Process(pid)
+    for proc in [postmaster, *postmaster.children(recursive=True)]:
+        proc.send_signal(sig)
+
+
+def thaw(pgdata: Path) -> None:
+    freeze(pgdata, signal.SIGCONT)

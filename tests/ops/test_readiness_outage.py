@@ -20,10 +20,13 @@ from tests.ops import pgcontrol
 _TRANSITION_LIMIT_S = 15.0
 
 
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A separate embedded PostgreSQL (migrated) that this test alone may stop and start."""
-    data_dir = tmp_path / "outage-pg"
+@pytest.fixture(scope="module")
+def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A separate embedded PostgreSQL (migrated) that these tests alone stop and start.
+
+    Each test leaves it running, as it found it.
+    """
+    data_dir = tmp_path_factory.mktemp("outage-pg")
     with embedded_postgres(data_dir) as dsn:
         pgdata = data_dir.resolve() / "pgdata"
         migrate.upgrade(dsn)
@@ -97,3 +100,32 @@ async def test_readiness_follows_a_database_outage(
             for _ in range(settings.db_pool_max * 2):
                 nursery.start_soon(query)
         assert (await client.get("/api/v1/projects", headers=bearer)).status_code == 200
+
+
+async def test_readiness_follows_a_database_that_stops_answering(
+    tmp_path: Path, own_postgres: tuple[str, Path], aio_loop: None
+) -> None:
+    """A hung database (not a refused one): probes answer 503 within their time limit."""
+    dsn, pgdata = own_postgres
+    settings = make_settings(tmp_path, db_pool_min=2, db_pool_max=4)
+    async with (
+        open_server(settings, dsn, bind="127.0.0.1:0") as running,
+        httpx.AsyncClient(base_url=running.url, timeout=10.0) as client,
+    ):
+        assert (await client.get("/readyz")).status_code == 200
+        pgcontrol.freeze(pgdata)
+        try:
+            started = trio.current_time()
+            down = await client.get("/readyz")
+            elapsed = trio.current_time() - started
+            assert down.status_code == 503, down.text
+            assert down.json()["checks"]["database"]["error"] == "no answer within 1.0s"
+            assert elapsed < 3.0, elapsed  # both checks share one time limit
+            assert (await client.get("/healthz")).status_code == 200
+        finally:
+            pgcontrol.thaw(pgdata)
+        await _poll_readyz(client, 200)
+        # Connections abandoned mid-query were discarded, not handed out again.
+        assert running.services.db.terminated_on_cancel >= 1
+        for _ in range(settings.db_pool_max * 2):
+            assert await running.services.db.fetchval("SELECT 1") == 1
