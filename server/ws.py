@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +30,10 @@ from quart_trio import QuartTrio
 from actors.connection import CLOSE_GOING_AWAY, Connection, Heartbeat
 from actors.hub import Hub
 from actors.supervisor import Supervisor
-from server import wsext
+from server import metrics, wsext
+from server.app import current_request_id
 from server.auth import authenticate_handshake
-from server.errors import ThreadlineError, Unavailable
+from server.errors import RateLimited, ThreadlineError, Unavailable
 from server.services import Services
 from server.storage.events import EventLog
 from server.wsops import WSOps
@@ -91,9 +93,14 @@ class QuartTransport:
 
 
 def _refusal(exc: ThreadlineError) -> Response:
-    return Response(
-        json.dumps(exc.envelope(None)), status=exc.status, content_type="application/json"
+    response = Response(
+        json.dumps(exc.envelope(current_request_id())),
+        status=exc.status,
+        content_type="application/json",
     )
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return response
 
 
 async def ws_endpoint() -> Response | None:
@@ -102,15 +109,20 @@ async def ws_endpoint() -> Response | None:
     realtime: Realtime = services.extras["realtime"]
     if services.draining.is_set():
         return _refusal(Unavailable("The server is shutting down."))
+    peer = (websocket.scope.get("client") or ("unknown",))[0]
+    client_ip = services.limiter.client_ip(peer, websocket.headers.get("X-Forwarded-For"))
     try:
+        try:
+            services.limiter.check_ip(client_ip)  # a handshake is an op too
+        except RateLimited:
+            metrics.RATE_LIMITED.labels(transport="ws").inc()
+            raise
         principal = await authenticate_handshake(
             services, websocket.headers, websocket.cookies, websocket.query_string
         )
     except ThreadlineError as exc:
         return _refusal(exc)
     settings = services.settings
-    peer = (websocket.scope.get("client") or ("unknown",))[0]
-    client_ip = services.limiter.client_ip(peer, websocket.headers.get("X-Forwarded-For"))
     await websocket.accept()
     found = (websocket.scope.get("extensions") or {}).get(wsext.EXTENSION_KEY)
     control = found if isinstance(found, wsext.WSControl) else None
@@ -120,7 +132,7 @@ async def ws_endpoint() -> Response | None:
     ws_object = websocket._get_current_object()  # type: ignore[attr-defined]
     conn = Connection(
         QuartTransport(ws_object, control),
-        WSOps(services, realtime.hub, principal, client_ip),
+        WSOps(services, realtime.hub, principal, client_ip, current_request_id()),
         heartbeat,
         outbound_size=settings.ws_outbound_queue,
         inbound_size=settings.ws_inbound_queue,

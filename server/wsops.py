@@ -81,15 +81,23 @@ def reply_ok(ref: str | None, data: dict[str, Any]) -> str:
     return json.dumps({"op": "reply", "ref": ref, "ok": True, "data": data}, default=str)
 
 
-def reply_error(ref: str | None, exc: ThreadlineError) -> str:
-    envelope = exc.envelope(None)
+def reply_error(ref: str | None, exc: ThreadlineError, request_id: str | None = None) -> str:
+    envelope = exc.envelope(request_id)
     return json.dumps({"op": "reply", "ref": ref, "ok": False, **envelope}, default=str)
 
 
 class WSOps:
     """``actors.connection.OpHandler`` for one authenticated connection."""
 
-    def __init__(self, services: Services, hub: Hub, principal: Principal, client_ip: str) -> None:
+    def __init__(
+        self,
+        services: Services,
+        hub: Hub,
+        principal: Principal,
+        client_ip: str,
+        request_id: str | None = None,
+    ) -> None:
+        self.request_id = request_id  # the handshake's; error envelopes carry it
         self.services = services
         self.hub = hub
         self.principal = principal
@@ -132,7 +140,7 @@ class WSOps:
         conn.strikes = 0
 
     def _refuse(self, conn: Connection, ref: str | None, exc: ThreadlineError) -> None:
-        conn.send_frame(reply_error(ref, exc))
+        conn.send_frame(reply_error(ref, exc, self.request_id))
 
     # -- handling (in the dispatcher task, one op at a time) ------------------------------------
 
@@ -150,15 +158,19 @@ class WSOps:
             else:
                 data = await self._run(conn, request)
         except ThreadlineError as exc:
-            conn.send_frame(reply_error(request.ref, exc))
+            conn.send_frame(reply_error(request.ref, exc, self.request_id))
             return
         except trio.TooSlowError:
-            conn.send_frame(reply_error(request.ref, InternalError("The server timed out.")))
+            conn.send_frame(
+                reply_error(request.ref, InternalError("The server timed out."), self.request_id)
+            )
             return
         except Exception as exc:
             log.exception("ws.op_failed", op=request.op, error=type(exc).__name__)
             conn.send_frame(
-                reply_error(request.ref, InternalError("Something went wrong on our side."))
+                reply_error(
+                    request.ref, InternalError("Something went wrong on our side."), self.request_id
+                )
             )
             return
         conn.send_frame(reply_ok(request.ref, data))
@@ -195,9 +207,14 @@ class WSOps:
             # Subscribing again restarts the stream from the new after_seq.
             conn.subscriptions.discard(thread_id)
             await self.hub.unsubscribe(thread_id, conn)
-        subscription = await self.hub.subscribe(thread_id, conn, sub.after_seq)
+        # Recorded first: if we are cancelled mid-registration, the close still forgets it.
         conn.subscriptions.add(thread_id)
-        return subscription
+        try:
+            return await self.hub.subscribe(thread_id, conn, sub.after_seq)
+        except BaseException:
+            conn.subscriptions.discard(thread_id)
+            self.hub.forget(thread_id, conn)
+            raise
 
     async def _finish_subscribe(self, conn: Connection, subscription: Subscription) -> None:
         """Replay and go live; the reply has gone, so a failure here closes the connection."""

@@ -7,6 +7,7 @@ import pytest
 import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
+from server.events import ThreadEvent
 from server.runtime import RunningServer
 from tests.server.ws_support import connect, new_owner, new_thread, post, ws_url
 
@@ -60,6 +61,7 @@ async def test_errors_keep_the_connection(server: RunningServer) -> None:
         await client.wait_events(0)
         unknown = await client.request("fly")
         assert unknown["ok"] is False and unknown["error"]["code"] == "bad_request"
+        assert unknown["error"]["request_id"]  # the handshake's request id
         bad = await client.request("send", thread_id="x")
         assert bad["ok"] is False and bad["error"]["code"] == "validation_failed"
         assert "content" in bad["error"]["details"]["fields"]
@@ -146,3 +148,40 @@ async def _open_subscribed(
         assert (await client.request("subscribe", thread_id=thread_id, after_seq=0))["ok"]
         task_status.started(client)
         await trio.sleep_forever()
+
+
+async def test_late_subscriber_gets_the_reply_so_far_then_live_deltas(
+    server: RunningServer,
+) -> None:
+    services = server.services
+    owner = await new_owner(services)
+    thread_id = await new_thread(services, owner)
+    async with connect(server, owner.token) as first:
+        assert (await first.request("subscribe", thread_id=thread_id))["ok"]
+        services.publish(ThreadEvent(thread_id, "assistant.started", None, {"message_id": "m1"}))
+        for i, text in enumerate(["Hel", "lo"]):
+            services.publish(
+                ThreadEvent(
+                    thread_id,
+                    "assistant.delta",
+                    None,
+                    {"message_id": "m1", "index": i, "text": text},
+                )
+            )
+        await first.wait_events(3)
+        async with connect(server, owner.token) as late:
+            reply = await late.request("subscribe", thread_id=thread_id, after_seq=0)
+            assert reply["data"]["replayed"] == 0
+            services.publish(
+                ThreadEvent(
+                    thread_id,
+                    "assistant.delta",
+                    None,
+                    {"message_id": "m1", "index": 2, "text": "!"},
+                )
+            )
+            events = await late.wait_events(2)
+            assert [(e["type"], e["data"].get("text")) for e in events] == [
+                ("assistant.started", "Hello"),
+                ("assistant.delta", "!"),
+            ]
