@@ -98,6 +98,9 @@ class Summariser:
         """Summarise ``thread_id`` if it needs it; returns the outcome: ok, skipped or failed."""
         settings = self._settings
         async with self._db.transaction() as tx:
+            count, size = await store.unsummarised_size(tx, thread_id)
+            if size + 4 * count < settings.summary_threshold_tokens:
+                return self._outcome("skipped", thread_id, why="below_threshold")
             previous = await store.latest_summary(tx, thread_id)
             after = int(previous["end_seq"]) if previous is not None else 0
             rows = await store.unsummarised_turns(tx, thread_id, after)

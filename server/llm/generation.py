@@ -53,7 +53,7 @@ from server.storage import threads
 
 log = structlog.get_logger(__name__)
 
-_SAVE_INTERVAL_S = 1.0
+_SAVE_INTERVAL_S = 2.0
 _FINAL_WRITE_TIMEOUT_S = 5.0
 _QUEUE_LIMIT = 8
 # A streaming reply older than the total timeout plus this cannot be alive in any process.

@@ -181,6 +181,21 @@ async def append_event(
 # -- summaries ---------------------------------------------------------------------------------
 
 
+async def unsummarised_size(tx: Tx, thread_id: str) -> tuple[int, int]:
+    """(messages, UTF-8 bytes) after the latest summary: a cheap upper bound on their tokens
+    (a cl100k token always covers at least one byte), checked before loading any content."""
+    row = await tx.fetchrow(
+        """SELECT count(*) AS n, COALESCE(sum(octet_length(content)), 0) AS bytes
+             FROM messages
+            WHERE thread_id = $1 AND deleted_at IS NULL AND role IN ('user', 'assistant')
+              AND status <> 'streaming' AND content <> ''
+              AND seq > COALESCE((SELECT max(end_seq) FROM summaries WHERE thread_id = $1), 0)""",
+        thread_id,
+    )
+    assert row is not None
+    return int(row["n"]), int(row["bytes"])
+
+
 async def unsummarised_turns(tx: Tx, thread_id: str, after_seq: int) -> list[Record]:
     """Finished, non-deleted user/assistant messages after ``after_seq``, oldest first."""
     return await tx.fetch(
