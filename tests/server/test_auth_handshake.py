@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from trio_websocket import HandshakeError, open_websocket_url
 
 from server import auth
 from server.config import Settings
@@ -86,3 +87,24 @@ async def test_revoked_token_is_refused_and_expired_revocations_are_purged(
         "SELECT jti FROM revoked_tokens WHERE user_id = $1", user.id
     )
     assert [r["jti"] for r in remaining] == [principal.jti]
+
+
+def _ws_url(server: RunningServer) -> str:
+    return server.url.replace("http://", "ws://", 1) + "/ws"
+
+
+async def test_cookie_handshake_over_a_real_websocket(server: RunningServer) -> None:
+    _, token = await auth.create_user_with_token(server.services)
+    cookie = ("Cookie", f"tl_session={token}")
+    for origin, status in (("https://evil.example", 403), (None, 403)):
+        headers = [cookie] + ([("Origin", origin)] if origin else [])
+        with pytest.raises(HandshakeError) as refused:
+            async with open_websocket_url(_ws_url(server), extra_headers=headers):
+                pass
+        assert getattr(refused.value, "status_code", None) == status
+    async with open_websocket_url(
+        _ws_url(server), extra_headers=[cookie, ("Origin", APP_ORIGIN)]
+    ) as ws:
+        await ws.send_message('{"op": "ping", "ref": "p1"}')
+        reply = await ws.get_message()
+        assert '"ok":true' in reply.replace(" ", "")
