@@ -64,8 +64,7 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
             return CommandResult(message_to_dict(existing), created=False)
     project_id = str(thread["project_id"])
     if cmd.reply:
-        project = await projects.get_project(ctx.tx, ctx.user_id, project_id)
-        budget = project["monthly_budget_usd"] if project is not None else None
+        budget = await projects.monthly_budget(ctx.tx, project_id)
         if budget is not None:
             spent = await project_spend_this_month(ctx.tx, project_id)
             if spent >= budget:
@@ -102,7 +101,10 @@ async def _lock_for_change(ctx: CommandContext, message_id: str, expected: int) 
     thread_id = await messages.owned_thread_of_message(ctx.tx, ctx.user_id, message_id)
     if thread_id is None:
         raise NotFound("No such message.")
-    seq = await threads.lock_next_seq(ctx.tx, str(thread_id))
+    try:
+        seq = await threads.lock_next_seq(ctx.tx, str(thread_id))
+    except LookupError:  # the thread was deleted since the first read
+        raise NotFound("No such message.") from None
     row = await messages.get_message(ctx.tx, ctx.user_id, message_id, for_update=True)
     if row is None:  # deleted with its thread between the two reads
         raise NotFound("No such message.")

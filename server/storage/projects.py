@@ -6,8 +6,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from server.db import Record, Tx
-
-_MONTH_START = "date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+from server.storage.usage import MONTH_START_SQL as _MONTH_START
 
 # The spend this month is computed with the row so a list costs one query.
 _COLUMNS = f"""
@@ -49,6 +48,12 @@ async def get_project(
         project_id,
         owner_id,
     )
+
+
+async def monthly_budget(tx: Tx, project_id: str) -> Decimal | None:
+    """The project's monthly budget in USD (None: no limit)."""
+    value = await tx.fetchval("SELECT monthly_budget_usd FROM projects WHERE id = $1", project_id)
+    return None if value is None else Decimal(value)
 
 
 async def update_project(

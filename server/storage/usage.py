@@ -12,7 +12,9 @@ from typing import Any
 
 from server.db import Tx
 
-_MONTH_START = "date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+# The start of the current calendar month in UTC, as SQL.
+MONTH_START_SQL = "date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+_MONTH_START = MONTH_START_SQL
 
 
 async def project_spend_this_month(tx: Tx, project_id: str) -> Decimal:
