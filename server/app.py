@@ -10,6 +10,7 @@ import asyncpg
 import structlog
 import trio
 from quart import Response, g, jsonify, request, websocket
+from quart.typing import ResponseTypes
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -71,6 +72,16 @@ def create_app(services: Services) -> QuartTrio:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=g.request_id)
         g.span = tracing.bind_trace(websocket.headers.get(tracing.HEADER))
+
+    @app.after_websocket
+    async def _finish_websocket(response: ResponseTypes | None) -> ResponseTypes | None:
+        # A refused handshake is a plain HTTP answer: it carries the request id like any other.
+        if response is not None:
+            response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+            span = g.get("span")
+            if span is not None:
+                response.headers[tracing.HEADER] = span.traceparent()
+        return response
 
     @app.after_request
     async def _finish(response: Response) -> Response:
