@@ -158,3 +158,25 @@ async def test_websocket_log_lines_carry_the_request_id_and_trace(
     for line in ours:
         assert line["request_id"] == request_id, line
         assert line["trace_id"] == TRACE_ID, line
+
+
+async def test_a_refused_websocket_handshake_carries_the_request_id(
+    client: httpx.AsyncClient,
+) -> None:
+    request_id = "ws-refused-" + uuid.uuid4().hex
+    response = await client.get(
+        "/ws",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "X-Request-ID": request_id,
+            "traceparent": VALID,
+        },
+    )
+    assert response.status_code == 401
+    assert response.headers["X-Request-ID"] == request_id
+    assert response.json()["error"]["request_id"] == request_id
+    echoed = parse_traceparent(response.headers["traceparent"])
+    assert echoed is not None and echoed.trace_id == TRACE_ID
