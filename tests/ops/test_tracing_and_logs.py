@@ -180,3 +180,40 @@ async def test_a_refused_websocket_handshake_carries_the_request_id(
     assert response.json()["error"]["request_id"] == request_id
     echoed = parse_traceparent(response.headers["traceparent"])
     assert echoed is not None and echoed.trace_id == TRACE_ID
+
+
+def test_logs_render_for_people_on_a_terminal_and_as_json_otherwise() -> None:
+    """``THREADLINE_LOG_FORMAT=auto``: console lines on a TTY, JSON lines on a pipe."""
+    import os
+    import pty
+
+    script = (
+        "import structlog\n"
+        "from server.logs import configure_logging\n"
+        "configure_logging('auto', 'info')\n"
+        "structlog.get_logger('t').info('ops.hello', figure=42)\n"
+    )
+    leader, follower = pty.openpty()
+    try:
+        try:
+            subprocess.run([sys.executable, "-c", script], stderr=follower, timeout=30, check=True)
+        finally:
+            os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO once the terminal has no writer left
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    on_terminal = b"".join(chunks).decode()
+    assert "ops.hello" in on_terminal and "figure" in on_terminal
+    assert not on_terminal.lstrip().startswith("{")
+    piped = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert json.loads(piped.stderr.strip())["figure"] == 42
