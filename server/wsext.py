@@ -18,7 +18,8 @@ What: ``install()`` wraps two methods, once per process:
 ``WSControl`` offers ``ping(payload)`` (a real Ping frame through hypercorn's own send path),
 ``abort()`` (closes the TCP socket: every blocked ``send_all`` wakes with
 ``ClosedResourceError``, which hypercorn turns into a disconnect) and ``server_close_code``
-(1009 when hypercorn closed the stream itself for an oversized message).
+(1009 when hypercorn closed the stream itself for an oversized message). It also declines
+permessage-deflate (a fan-out server would otherwise compress every frame once per client).
 
 A different hypercorn version refuses to install (``RuntimeError`` at import of ``server.ws``)
 rather than misbehave silently; re-verify the two methods and bump ``SUPPORTED``.
@@ -98,6 +99,9 @@ def install() -> None:
         control = WSControl(self, _tcp_server.get(None))
         self.scope.setdefault("extensions", {})[EXTENSION_KEY] = control
         self._threadline = control
+        # No permessage-deflate: every event goes to many clients, and per-connection zlib
+        # contexts would cost CPU per frame per client and ~100s of KiB of memory each.
+        self.handshake.extensions = None
         await original_accept(self, message)
         events = self.connection.events
 

@@ -11,6 +11,10 @@ from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection
+from wsproto.events import Request as WSRequest
+from wsproto.extensions import PerMessageDeflate
 
 from server import metrics
 from server.events import ThreadEvent
@@ -197,3 +201,27 @@ async def _thousand_cycles(server: RunningServer) -> None:
     # Idle actors then stop on their own (idle timeout 0.2 s here).
     await until(lambda: not hub.actors)
     assert hub.health()["subscribers"] == 0
+
+
+async def test_permessage_deflate_is_declined(server: RunningServer) -> None:
+    owner = await new_owner(server.services)
+    host, port = server.url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(
+        ws.send(
+            WSRequest(
+                host=f"{host}:{port}",
+                target="/ws",
+                extensions=[PerMessageDeflate()],
+                extra_headers=[(b"authorization", f"Bearer {owner.token}".encode())],
+            )
+        )
+    )
+    accepted: list[AcceptConnection] = []
+    with trio.fail_after(10):
+        while not accepted:
+            ws.receive_data(await stream.receive_some(65536))
+            accepted = [e for e in ws.events() if isinstance(e, AcceptConnection)]
+    assert accepted[0].extensions == []
+    await stream.aclose()
