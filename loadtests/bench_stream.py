@@ -2,7 +2,8 @@
 
 Everything real except the model: the server on loopback, PostgreSQL (embedded in a temporary
 directory, or ``THREADLINE_TEST_DATABASE_URL``), trio-websocket clients, and the fake provider
-(``server.llm.fake_server``) streaming ``--tokens`` tokens ``--delay-ms`` apart. One run prints:
+(``threadline fake-llm``, its own process unless ``--fake inline``) streaming ``--tokens`` tokens
+``--delay-ms`` apart. One run prints:
 
 * tokens/s delivered: tokens of assistant text received, summed over all watchers, per second;
 * frames/s: ``assistant.delta`` frames received, summed over all watchers, per second;
@@ -10,8 +11,9 @@ directory, or ``THREADLINE_TEST_DATABASE_URL``), trio-websocket clients, and the
   server adds: a watcher's first delta minus the moment the provider sent its first token
   (p50/p99 over all watchers).
 
-The clients run in the same process (and on the same core) as the server, so figures are a
-lower bound of what the server alone can do.
+The WebSocket clients run in the same process (and on the same core) as the server, so figures
+are a lower bound of what the server alone can do. Times are wall-clock (``time.time()``), so
+they compare across the server and the provider process.
 
     .venv/bin/python loadtests/bench_stream.py --replies 50 --watchers 4 --tokens 200 --delay-ms 5
 """
@@ -22,7 +24,10 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -31,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 import trio_asyncio
 from trio_websocket import open_websocket_url
@@ -98,7 +104,7 @@ async def watch(
             pass
         await ready.wait()
         if watcher.sends:
-            watcher.sent_at = trio.current_time()
+            watcher.sent_at = time.time()
             await ws.send_message(
                 json.dumps(
                     {
@@ -116,7 +122,7 @@ async def watch(
                 continue
             if frame["type"] == "assistant.delta":
                 if watcher.first_delta_at is None:
-                    watcher.first_delta_at = trio.current_time()
+                    watcher.first_delta_at = time.time()
                 watcher.frames += 1
                 watcher.text.append(frame["data"]["text"])
             elif frame["type"] in ("assistant.completed", "assistant.failed"):
@@ -124,14 +130,20 @@ async def watch(
                 return
 
 
-async def bench(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
-    async with trio_asyncio.open_loop(), open_fake_llm() as fake:
-        fake.configure(tokens=args.tokens, delay_per_token_ms=args.delay_ms)
+async def bench(dsn: str, args: argparse.Namespace, provider_url: str | None) -> dict[str, Any]:
+    """Run one benchmark; with ``provider_url`` None the fake provider runs in this process."""
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(trio_asyncio.open_loop())
+        if provider_url is None:
+            fake = await stack.enter_async_context(open_fake_llm())
+            fake.configure(tokens=args.tokens, delay_per_token_ms=args.delay_ms)
+            provider_url = fake.url
+            first_token_times = fake.first_token_unix
         settings = Settings(
             env="test",
             data_dir=Path(tempfile.gettempdir()) / "tl-bench-data",
             jwt_secret="bench-" + uuid.uuid4().hex,
-            llm_base_url=fake.url,
+            llm_base_url=provider_url,
             llm_model="fake-gpt",
             llm_max_reply_tokens=max(args.tokens, 16),
             db_pool_min=2,
@@ -176,27 +188,31 @@ async def bench(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
                 async for _ in subscribed:
                     pass  # every watcher closed its clone: all are subscribed
                 ready.set()  # every thread's first watcher sends now, all at once
-                start = trio.current_time()
+                start = time.time()
                 cpu_start = time.process_time()
                 with trio.fail_after(args.timeout):
                     for w in watchers:
                         await w.done.wait()
-                end = trio.current_time()
+                end = time.time()
                 cpu = time.process_time() - cpu_start
+        if args.fake == "process":
+            async with httpx.AsyncClient() as http:
+                stats = (await http.get(provider_url.removesuffix("/v1") + "/control/stats")).json()
+            first_token_times = stats["first_token_at_unix"]
     wall = end - start
     delivered = sum(tokens.count_text("".join(w.text)) for w in watchers)
     frames = sum(w.frames for w in watchers)
     sent_at = {w.thread_id: w.sent_at for w in watchers if w.sent_at is not None}
     ttfd = [w.first_delta_at - sent_at[w.thread_id] for w in watchers if w.first_delta_at]
     to_provider = [
-        fake.first_token_at[f"bench {t}"] - sent
+        first_token_times[f"bench {t}"] - sent
         for t, sent in sent_at.items()
-        if f"bench {t}" in fake.first_token_at
+        if f"bench {t}" in first_token_times
     ]
     overhead = [
-        w.first_delta_at - fake.first_token_at[f"bench {w.thread_id}"]
+        w.first_delta_at - first_token_times[f"bench {w.thread_id}"]
         for w in watchers
-        if w.first_delta_at and f"bench {w.thread_id}" in fake.first_token_at
+        if w.first_delta_at and f"bench {w.thread_id}" in first_token_times
     ]
     complete = sum(1 for w in watchers if len("".join(w.text).split()) == args.tokens)
     return {
@@ -225,17 +241,49 @@ async def bench(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def provider_process(args: argparse.Namespace) -> Iterator[str | None]:
+    """``threadline fake-llm`` as its own process (``--fake process``), configured for the run."""
+    if args.fake != "process":
+        yield None
+        return
+    exe = Path(sys.executable).parent / "threadline"
+    proc = subprocess.Popen(
+        [str(exe), "fake-llm", "--port", "0"],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "THREADLINE_LOG_LEVEL": "warning"},
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().rsplit(" ", 1)[1].strip()
+        httpx.post(
+            url.removesuffix("/v1") + "/control",
+            json={"tokens": args.tokens, "delay_per_token_ms": args.delay_ms},
+        ).raise_for_status()
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replies", type=int, default=50, help="M concurrent replies")
     parser.add_argument("--watchers", type=int, default=4, help="K watchers per reply")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per reply")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="provider delay per token")
+    parser.add_argument(
+        "--fake",
+        choices=["process", "inline"],
+        default="process",
+        help="run the fake provider as its own process (default) or inside this one",
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
     configure_logging("json", "warning")
-    with database() as dsn:
-        result = trio.run(bench, dsn, args)
+    with database() as dsn, provider_process(args) as url:
+        result = trio.run(bench, dsn, args, url)
     print(json.dumps(result, indent=2))
 
 

@@ -36,6 +36,7 @@ from server.llm.provider import ChatMessage
 log = structlog.get_logger(__name__)
 
 FAKE_MODEL = "fake-gpt"
+_FIRST_TOKEN_KEEP = 10_000
 _WORDS = (
     "the quick brown fox jumps over the lazy dog while streaming tokens arrive one by one "
     "from a fake but faithful provider"
@@ -93,6 +94,7 @@ class FakeLLM:
         # trio.current_time() at which the first token of a stream was sent, by the last user
         # message of its prompt (load tests measure the server's added latency from it).
         self.first_token_at: dict[str, float] = {}
+        self.first_token_unix: dict[str, float] = {}  # the same in Unix time, for other processes
 
     def configure(self, **changes: Any) -> None:
         """Apply control changes: ``reset=True`` restores defaults, ``hang=False`` releases."""
@@ -125,7 +127,8 @@ class FakeLLM:
 
         @app.get("/control/stats")
         async def stats() -> Response:
-            return Response(json.dumps(asdict(self.stats)), mimetype="application/json")
+            body = {**asdict(self.stats), "first_token_at_unix": self.first_token_unix}
+            return Response(json.dumps(body), mimetype="application/json")
 
         @app.get("/v1/models")
         async def models() -> Response:
@@ -223,7 +226,7 @@ class FakeLLM:
                 if controls.delay_per_token_ms and i:
                     await trio.sleep(controls.delay_per_token_ms / 1000)
                 if i == 0:
-                    self.first_token_at[key] = trio.current_time()
+                    self._first_token(key)
                 yield _sse(_chunk(cid, created, model, {"content": piece}, None))
             yield _sse(_chunk(cid, created, model, {}, finish))
             yield _sse(
@@ -240,6 +243,14 @@ class FakeLLM:
             self.stats.completed += 1
         finally:
             self.stats.in_flight -= 1
+
+    def _first_token(self, key: str) -> None:
+        if len(self.first_token_at) >= _FIRST_TOKEN_KEEP:  # bounded: drop the oldest
+            oldest = next(iter(self.first_token_at))
+            self.first_token_at.pop(oldest)
+            self.first_token_unix.pop(oldest, None)
+        self.first_token_at[key] = trio.current_time()
+        self.first_token_unix[key] = time.time()
 
 
 class _DropConnection(Exception):

@@ -49,7 +49,6 @@ from server.llm.prompt import ContentFiltered, Prompt, Turn, build_prompt, check
 from server.llm.provider import Completion, Usage
 from server.services import ReplyRequest, Services
 from server.storage import assistant as store
-from server.storage import threads
 
 log = structlog.get_logger(__name__)
 
@@ -305,25 +304,25 @@ class AssistantService:
         pending: list[tuple[str, int, dict[str, Any]]] = []
         refused: str | None = None
         async with self.services.db.transaction() as tx:
-            seq = await threads.lock_next_seq(tx, request.thread_id)
-            project = await store.get_project(tx, request.project_id)
-            asked = await store.get_user_message(tx, request.user_message_id)
-            if project is None or asked is None:
+            base = await store.lock_for_reply(
+                tx, request.thread_id, request.project_id, request.user_message_id
+            )
+            if base is None or base["asked"] is None:
                 raise LookupError("thread, project or message is gone")
-            summary = await store.latest_summary(tx, request.thread_id, before_seq=seq)
-            after = int(summary["end_seq"]) if summary is not None else 0
+            seq = int(base["seq"])
+            after = int(base["summary_end_seq"] or 0)
             rows = await store.recent_turns(tx, request.thread_id, after_seq=after, before_seq=seq)
             prompt = build_prompt(
                 settings,
-                summary=summary["content"] if summary is not None else None,
+                summary=base["summary"],
                 turns=[Turn(r["role"], r["content"]) for r in rows],
             )
             try:
-                check_content(settings, asked["content"])
+                check_content(settings, base["asked"])
             except ContentFiltered:
                 refused = "content_filtered"
             estimate = pricing.reply_estimate_usd(settings, model, prompt.tokens)
-            if refused is None and project["monthly_budget_usd"] is not None:
+            if refused is None and base["monthly_budget_usd"] is not None:
                 # Only budgeted projects serialise their reply starts on the project row
                 # (held until commit); unlimited ones start replies in parallel.
                 project = await store.get_project(tx, request.project_id, lock=True)

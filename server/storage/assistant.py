@@ -20,6 +20,30 @@ from server.storage.usage import project_spend_this_month
 HISTORY_LIMIT = 400
 
 
+async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: str) -> Record | None:
+    """Lock the thread row until commit and read, in one round trip, what a reply starts from.
+
+    Columns: ``seq`` (the next event seq), ``monthly_budget_usd``, ``asked`` (the content of the
+    message being answered, None if it is gone), ``summary`` and ``summary_end_seq`` (the
+    latest summary, None if there is none). None if the thread or project is gone.
+    """
+    return await tx.fetchrow(
+        """SELECT t.last_seq + 1 AS seq, p.monthly_budget_usd,
+                  (SELECT m.content FROM messages m
+                    WHERE m.id = $3 AND m.thread_id = t.id) AS asked,
+                  s.content AS summary, s.end_seq AS summary_end_seq
+             FROM threads t
+             JOIN projects p ON p.id = t.project_id AND p.id = $2
+             LEFT JOIN LATERAL (SELECT content, end_seq FROM summaries
+                                 WHERE thread_id = t.id ORDER BY end_seq DESC LIMIT 1) s ON true
+            WHERE t.id = $1
+              FOR UPDATE OF t""",
+        thread_id,
+        project_id,
+        message_id,
+    )
+
+
 async def get_project(tx: Tx, project_id: str, *, lock: bool = False) -> Record | None:
     """The project's ``monthly_budget_usd`` (None: no limit); ``lock`` holds the row until commit.
 
@@ -35,13 +59,6 @@ async def get_project(tx: Tx, project_id: str, *, lock: bool = False) -> Record 
 async def spend_this_month(tx: Tx, project_id: str) -> Decimal:
     """Recorded spend this month plus money reserved for replies in flight."""
     return await project_spend_this_month(tx, project_id)
-
-
-async def get_user_message(tx: Tx, message_id: str) -> Record | None:
-    """The message a reply answers (any role; deleted ones too, so the caller can tell)."""
-    return await tx.fetchrow(
-        f"SELECT {messages.COLUMNS} FROM messages m WHERE m.id = $1", message_id
-    )
 
 
 async def latest_summary(tx: Tx, thread_id: str, before_seq: int | None = None) -> Record | None:
@@ -126,7 +143,8 @@ async def finish_reply(
     """
     seq = await threads.lock_next_seq(tx, thread_id)
     row = await tx.fetchrow(
-        f"""WITH m AS (
+        f"""WITH released AS (DELETE FROM budget_reservations WHERE message_id = $1),
+                 m AS (
                 UPDATE messages
                    SET status = $2, model = $4,
                        content = CASE WHEN deleted_at IS NULL THEN $3 ELSE content END
@@ -139,7 +157,6 @@ async def finish_reply(
     )
     if row is None:
         raise LookupError(message_id)
-    await tx.execute("DELETE FROM budget_reservations WHERE message_id = $1", message_id)
     return seq, row
 
 
