@@ -70,7 +70,16 @@ def start_server(port: int, data_dir: str, database_url: str | None) -> subproce
     if database_url:
         env["THREADLINE_DATABASE_URL"] = database_url
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+        # BENCH_PYTHON_ARGS="-m cProfile -o /tmp/server.prof" profiles the server.
+        [
+            sys.executable,
+            *os.environ.get("BENCH_PYTHON_ARGS", "").split(),
+            "-m",
+            "server.cli",
+            "serve",
+            "--port",
+            str(port),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
