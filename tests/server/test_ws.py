@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import trio
@@ -22,6 +24,21 @@ async def test_handshake_refusals_are_plain_http(server: RunningServer) -> None:
         async with open_websocket_url(ws_url(server) + f"?access_token={owner.token}"):
             pass
     assert getattr(in_url.value, "status_code", None) == 401
+    # A session cookie needs an allowed Origin (cross-site WebSocket hijacking).
+    with pytest.raises(HandshakeError) as cookie_no_origin:
+        async with open_websocket_url(
+            ws_url(server), extra_headers=[("Cookie", f"tl_session={owner.token}")]
+        ):
+            pass
+    assert getattr(cookie_no_origin.value, "status_code", None) == 403
+    with pytest.raises(HandshakeError) as bad_token:
+        async with open_websocket_url(
+            ws_url(server), extra_headers=[("Authorization", "Bearer not-a-token")]
+        ):
+            pass
+    assert getattr(bad_token.value, "status_code", None) == 401
+    body = json.loads(getattr(bad_token.value, "body", b"{}") or b"{}")
+    assert body.get("error", {}).get("code") == "unauthorized"
 
 
 async def test_subscribe_send_edit_delete_gap_free(server: RunningServer) -> None:
@@ -102,10 +119,13 @@ async def test_reconnect_with_after_seq_loses_and_repeats_nothing(server: Runnin
     total = 60
 
     async def writer() -> None:
-        for i in range(total):
-            await post(services, owner, thread_id, f"m{i}")
-            if i % 7 == 0:
-                await trio.lowlevel.checkpoint()
+        # Another WebSocket client keeps sending while the reader reconnects.
+        async with connect(server, owner.token) as sender:
+            for i in range(total):
+                sent = await sender.request(
+                    "send", thread_id=thread_id, content=f"m{i}", client_msg_id=f"c{i}", reply=False
+                )
+                assert sent["ok"], sent
 
     seen: list[int] = []
     async with trio.open_nursery() as nursery:
