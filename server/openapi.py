@@ -301,12 +301,48 @@ def _auth_paths() -> dict[str, Any]:
     }
 
 
+_OPERATION_IDS = {
+    ("get", "/api/v1/projects"): "listProjects",
+    ("post", "/api/v1/projects"): "createProject",
+    ("get", "/api/v1/projects/{project_id}"): "getProject",
+    ("patch", "/api/v1/projects/{project_id}"): "updateProject",
+    ("delete", "/api/v1/projects/{project_id}"): "deleteProject",
+    ("get", "/api/v1/projects/{project_id}/usage"): "getProjectUsage",
+    ("get", "/api/v1/projects/{project_id}/threads"): "listThreads",
+    ("post", "/api/v1/projects/{project_id}/threads"): "createThread",
+    ("get", "/api/v1/threads/{thread_id}"): "getThread",
+    ("patch", "/api/v1/threads/{thread_id}"): "updateThread",
+    ("delete", "/api/v1/threads/{thread_id}"): "deleteThread",
+    ("get", "/api/v1/threads/{thread_id}/messages"): "listMessages",
+    ("post", "/api/v1/threads/{thread_id}/messages"): "sendMessage",
+    ("get", "/api/v1/messages/{message_id}"): "getMessage",
+    ("patch", "/api/v1/messages/{message_id}"): "editMessage",
+    ("delete", "/api/v1/messages/{message_id}"): "deleteMessage",
+    ("get", "/api/v1/messages/{message_id}/history"): "getMessageHistory",
+    ("post", "/api/v1/auth/register"): "register",
+    ("post", "/api/v1/auth/login"): "login",
+    ("post", "/api/v1/auth/logout"): "logout",
+}
+
+
+def _name_operations(paths: dict[str, Any]) -> None:
+    """Give every operation its operationId and a tag (the path's first segment)."""
+    for path, item in paths.items():
+        tag = path.removeprefix("/api/v1/").split("/")[0]
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            op["operationId"] = _OPERATION_IDS[(method, path)]
+            op["tags"] = [tag]
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The whole document (built once; it depends only on code)."""
     doc = _Doc()
     paths = _paths(doc)
     paths.update(_auth_paths())
+    _name_operations(paths)
     return {
         "openapi": "3.1.0",
         "info": {

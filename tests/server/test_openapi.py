@@ -53,6 +53,13 @@ async def test_document_is_served_without_auth(client: httpx.AsyncClient) -> Non
         ("/api/v1/messages/{message_id}/history", "get"),
     ]:
         assert expected in ops
+    op_ids = [
+        op["operationId"]
+        for item in doc["paths"].values()
+        for op in item.values()
+        if "responses" in op
+    ]
+    assert len(op_ids) == len(set(op_ids)) == 20
     send = doc["components"]["schemas"]["SendMessageBody"]
     assert "thread_id" not in send["properties"] and send["required"] == ["content"]
     schemathesis.openapi.from_dict(doc)  # loads as a valid document
