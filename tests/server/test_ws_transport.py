@@ -12,7 +12,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping
 from wsproto.events import Request as WSRequest
 from wsproto.extensions import PerMessageDeflate
 
@@ -225,3 +225,42 @@ async def test_permessage_deflate_is_declined(server: RunningServer) -> None:
             accepted = [e for e in ws.events() if isinstance(e, AcceptConnection)]
     assert accepted[0].extensions == []
     await stream.aclose()
+
+
+async def test_client_that_never_pongs_is_closed_4003(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    async with server_with(
+        tmp_path, pg_dsn, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.3
+    ) as server:
+        owner = await new_owner(server.services)
+        before = disconnects("heartbeat_timeout")
+        host, port = server.url.removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        # wsproto answers pings only when asked to; this client reads but never answers.
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(
+            ws.send(
+                WSRequest(
+                    host=f"{host}:{port}",
+                    target="/ws",
+                    extra_headers=[(b"authorization", f"Bearer {owner.token}".encode())],
+                )
+            )
+        )
+        pings = 0
+        closed: CloseConnection | None = None
+        with trio.fail_after(10):
+            while closed is None:
+                data = await stream.receive_some(65536)
+                assert data, "the server dropped the connection without a close frame"
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Ping):
+                        pings += 1
+                    elif isinstance(event, CloseConnection):
+                        closed = event
+        assert closed.code == 4003 and closed.reason == "heartbeat_timeout"
+        assert pings >= 1
+        await stream.aclose()
+        await until(lambda: disconnects("heartbeat_timeout") - before == 1)
