@@ -209,3 +209,49 @@ def test_parse_command_names_the_fields() -> None:
     with pytest.raises(ValidationFailed) as role:
         parse_command(SendMessage, {"thread_id": "t", "content": "x", "role": "assistant"})
     assert set(role.value.details["fields"]) == {"role"}
+
+
+async def test_cancelled_command_writes_and_publishes_nothing(services: Services) -> None:
+    published: list[ThreadEvent] = []
+    services.publish = published.append
+    who = await make_principal(services)
+    thread_id = await _thread(services, who)
+    lock_held = trio.Event()
+    release = trio.Event()
+
+    async def hold_thread_lock() -> None:
+        async with services.db.transaction() as tx:
+            await tx.execute("SELECT 1 FROM threads WHERE id = $1 FOR UPDATE", thread_id)
+            lock_held.set()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold_thread_lock)
+        await lock_held.wait()
+        with trio.CancelScope() as scope:
+            nursery.start_soon(_cancel_when_waiting_on_lock, services, scope, thread_id)
+            await execute(services, who, SendMessage(thread_id=thread_id, content="x", reply=False))
+        assert scope.cancelled_caught
+        release.set()
+    assert published == []
+    assert (
+        await services.db.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", thread_id)
+        == 0
+    )
+    # The bus and the pool are fine afterwards: the next send takes seq 1.
+    after = await execute(services, who, SendMessage(thread_id=thread_id, content="y", reply=False))
+    assert after.data is not None and after.data["seq"] == 1
+    assert [e.seq for e in published] == [1]
+
+
+async def _cancel_when_waiting_on_lock(
+    services: Services, scope: trio.CancelScope, thread_id: str
+) -> None:
+    """Cancel ``scope`` once some backend is blocked on a row lock (bounded polling)."""
+    with trio.fail_after(10):
+        while not await services.db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%FOR UPDATE%' AND query NOT LIKE '%pg_stat_activity%'"
+        ):
+            await trio.sleep(0.01)
+    scope.cancel()
