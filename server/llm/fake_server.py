@@ -305,6 +305,7 @@ def _config(host: str, port: int) -> HypercornConfig:
 async def open_fake_llm(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[FakeLLM]:
     """Serve a FakeLLM in the caller's trio run for the duration of the block."""
     fake = FakeLLM()
+    await trio.to_thread.run_sync(tokens.encoding)  # not on the first request's clock
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             lambda task_status: serve(

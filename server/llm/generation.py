@@ -110,6 +110,7 @@ class AssistantService:
         self._queues: dict[str, collections.deque[ReplyRequest]] = {}
         self._active: dict[str, _Reply] = {}
         self._closing = False
+        self.save_interval_s = _SAVE_INTERVAL_S  # how often a streaming reply's text is saved
 
     # -- the Assistant protocol ----------------------------------------------------------------
 
@@ -290,12 +291,14 @@ class AssistantService:
                 helpers.cancel_scope.cancel()
         coalescer.flush()
         text = "".join(parts)
-        if completion is not None:
-            await self._finish(request, started, "completed", completion.text, completion, None)
-        else:
-            reason = failure.reason if failure is not None else "internal"
-            assert failure is not None or internal
-            await self._finish(request, started, "failed", text, None, reason)
+        # The stream is over: its outcome is written even if a cancel arrives now.
+        with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
+            if completion is not None:
+                await self._finish(request, started, "completed", completion.text, completion, None)
+            else:
+                reason = failure.reason if failure is not None else "internal"
+                assert failure is not None or internal
+                await self._finish(request, started, "failed", text, None, reason)
 
     async def _start(self, request: ReplyRequest) -> _Started | None:
         """The start transaction (see module docstring). None when refused (already recorded)."""
@@ -358,12 +361,15 @@ class AssistantService:
     async def _save_periodically(self, message_id: str, parts: list[str]) -> None:
         saved = 0
         while True:
-            await trio.sleep(_SAVE_INTERVAL_S)
+            await trio.sleep(self.save_interval_s)
             if len(parts) == saved:
                 continue
             saved = len(parts)
-            async with self.services.db.transaction() as tx:
-                await store.save_progress(tx, message_id, "".join(parts))
+            # Shielded (briefly) so the reply's end never cuts a save short, which would cost
+            # the pool a connection.
+            with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
+                async with self.services.db.transaction() as tx:
+                    await store.save_progress(tx, message_id, "".join(parts))
 
     async def _finish(
         self,

@@ -6,6 +6,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import httpx
+import trio
 
 from server.commands.serialize import message_to_dict
 from server.db import Database
@@ -298,3 +299,29 @@ async def test_replies_left_streaming_by_a_dead_process_are_interrupted(
     )
     assert held == 0
     assert await assistant.recover_stale() == 0
+
+
+async def test_streaming_text_is_saved_while_it_streams(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    fake_llm.configure(tokens=2000, delay_per_token_ms=5)
+    assistant = llm_server.services.assistant
+    assert isinstance(assistant, AssistantService)
+    assistant.save_interval_s = 0.05
+    tap = EventTap(llm_server)
+    seeded = await seed_thread(llm_server.services.db, ["stream slowly"])
+    assistant.start_reply(request_for(seeded))
+    t = seeded.thread_id
+    await tap.wait_for(lambda: bool(tap.of(t, "assistant.started")))
+    message_id = tap.of(t, "assistant.started")[0].data["message_id"]
+    with trio.fail_after(10):
+        while True:  # bounded poll: the saved text grows while the status stays streaming
+            stored = await _message(llm_server, message_id)
+            if stored["content"]:
+                break
+            await trio.sleep(0.02)
+    assert stored["status"] == "streaming"
+    assert await assistant.cancel(t)
+    await tap.wait_for(lambda: bool(_closing(tap, t)))
+    final = _closing(tap, t)[0].data["content"]
+    assert final.startswith(str(stored["content"])) and len(final) >= len(str(stored["content"]))
