@@ -11,9 +11,10 @@ import trio
 from server.commands.serialize import message_to_dict
 from server.db import Database
 from server.events import ThreadEvent
-from server.llm import tokens
+from server.llm import pricing, tokens
 from server.llm.fake_server import FakeLLM
 from server.llm.generation import AssistantService
+from server.llm.prompt import Turn, build_prompt
 from server.runtime import RunningServer, open_server
 from server.storage import messages, threads
 from tests.conftest import make_settings
@@ -325,3 +326,48 @@ async def test_streaming_text_is_saved_while_it_streams(
     await tap.wait_for(lambda: bool(_closing(tap, t)))
     final = _closing(tap, t)[0].data["content"]
     assert final.startswith(str(stored["content"])) and len(final) >= len(str(stored["content"]))
+
+
+async def test_reservations_stop_concurrent_replies_overshooting_a_budget(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    db = llm_server.services.db
+    settings = llm_server.services.settings
+    tap = EventTap(llm_server)
+    first = await seed_thread(db, ["same question"])
+    prompt = build_prompt(settings, summary=None, turns=[Turn("user", "same question")])
+    estimate = pricing.reply_estimate_usd(settings, "fake-gpt", prompt.tokens)
+    budget = estimate * Decimal("1.5")  # room for one worst-case reply, not two
+    await db.fetchval(
+        "UPDATE projects SET monthly_budget_usd = $2 WHERE id = $1", first.project_id, budget
+    )
+    # A second thread in the same project.
+    async with db.transaction() as tx:
+        second_thread = str(
+            await tx.fetchval(
+                "INSERT INTO threads (project_id, title) VALUES ($1, 't2') RETURNING id",
+                first.project_id,
+            )
+        )
+    second = Seeded(first.user_id, first.project_id, second_thread)
+    second.message_ids.append(await add_message(db, second, "same question"))
+    assistant = llm_server.services.assistant
+    assert assistant is not None
+    fake_llm.configure(hang=True)
+    assistant.start_reply(request_for(first))
+    with trio.fail_after(10):
+        while fake_llm.stats.in_flight < 1:  # the first reply holds its reservation
+            await trio.sleep(0.005)
+    held = await db.fetchval(
+        "SELECT sum(amount_usd) FROM budget_reservations WHERE project_id = $1", first.project_id
+    )
+    assert held == estimate
+    refused = await _start_and_wait(llm_server, tap, second)
+    assert refused.data["reason"] == "budget_exceeded" and fake_llm.stats.requests == 1
+    fake_llm.configure(hang=False)
+    await tap.wait_for(lambda: bool(_closing(tap, first.thread_id)))
+    assert _closing(tap, first.thread_id)[0].type == "assistant.completed"
+    spent = await db.fetchval(
+        "SELECT sum(cost_usd) FROM usage_records WHERE project_id = $1", first.project_id
+    )
+    assert 0 < spent <= estimate  # settled at the real cost, within the reservation
