@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,7 @@ async def ws_endpoint() -> Response | None:
         outbound_size=settings.ws_outbound_queue,
         inbound_size=settings.ws_inbound_queue,
         close_timeout_s=CLOSE_TIMEOUT_S,
+        expires_in_s=principal.expires_at - time.time(),
     )
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     realtime.connections.add(conn)

@@ -162,3 +162,17 @@ async def test_a_close_that_cannot_be_sent_aborts_the_stream(
         await conn.closed.wait()
     assert conn.close_code == 4002 and transport.aborted
     assert trio.current_time() - start == pytest.approx(2)
+
+
+async def test_connection_closes_4001_when_its_token_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    heartbeat = Heartbeat(interval_s=20, timeout_s=10)
+    transport = FakeTransport(heartbeat, answer_pings=True)
+    conn = Connection(
+        transport, NoOps(), heartbeat, outbound_size=4, inbound_size=4, expires_in_s=3600
+    )
+    start = trio.current_time()
+    await conn.run()
+    assert transport.closed_with == (4001, "token_expired")
+    assert trio.current_time() - start == pytest.approx(3600)
