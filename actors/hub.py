@@ -153,11 +153,20 @@ class Hub:
             idle_timeout_s=self._idle_timeout_s,
             backlog_limit=self._backlog_limit,
             on_stop=self._stopped,
+            on_orphan=lambda message: self._resubmit(thread_id, message),
         )
         self.actors[thread_id] = actor
         self.spawned += 1
         self._nursery.start_soon(actor.run, name=f"thread:{thread_id}")
         return actor
+
+    def _resubmit(self, thread_id: str, message: RunChild) -> None:
+        """A child its failed actor never started: give it to a fresh actor (once)."""
+        try:
+            actor = self._actor(thread_id)
+            actor.mailbox.send_nowait(RunChild(message.name, message.fn, attempt=1))
+        except (Unavailable, trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            log.exception("thread.child_lost", thread_id=thread_id, child=message.name)
 
     def _stopped(self, actor: ThreadActor) -> None:
         if self.actors.get(actor.thread_id) is actor:

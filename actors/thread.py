@@ -33,6 +33,7 @@ import structlog
 import trio
 
 from server import metrics
+from server.errors import Unavailable
 from server.events import ThreadEvent
 
 log = structlog.get_logger(__name__)
@@ -65,20 +66,28 @@ class EventLog(Protocol):
 
 
 class Reply(Generic[T]):
-    """A one-shot answer from an actor to whoever sent it a message."""
+    """A one-shot answer from an actor to whoever sent it a message (a value or an error)."""
 
-    __slots__ = ("_done", "_value")
+    __slots__ = ("_done", "_error", "_value")
 
     def __init__(self) -> None:
         self._done = trio.Event()
         self._value: T | None = None
+        self._error: Exception | None = None
 
     def set(self, value: T) -> None:
         self._value = value
         self._done.set()
 
+    def fail(self, error: Exception) -> None:
+        if not self._done.is_set():
+            self._error = error
+            self._done.set()
+
     async def wait(self) -> T:
         await self._done.wait()
+        if self._error is not None:
+            raise self._error
         return self._value  # type: ignore[return-value]
 
 
@@ -113,6 +122,7 @@ class Unsubscribe:
 class RunChild:
     name: str
     fn: Callable[[], Awaitable[None]]
+    attempt: int = 0  # 1 when handed on from an actor that failed before running it
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +164,7 @@ class ThreadActor:
         idle_timeout_s: float,
         backlog_limit: int,
         on_stop: Callable[[ThreadActor], None],
+        on_orphan: Callable[[RunChild], None] | None = None,
     ) -> None:
         self.thread_id = thread_id
         self.mailbox, self._inbox = trio.open_memory_channel[Message](mailbox_size)
@@ -161,6 +172,7 @@ class ThreadActor:
         self._idle_timeout_s = idle_timeout_s
         self._backlog_limit = backlog_limit
         self._on_stop = on_stop
+        self._on_orphan = on_orphan
         self.subscribers: dict[Subscriber, _SubState] = {}
         self.children: dict[str, list[trio.CancelScope]] = {}
         self.inflight: dict[str, list[str]] = {}  # message_id -> text parts so far
@@ -194,15 +206,39 @@ class ThreadActor:
                 try:
                     self.last_seq = await self._log.last_seq(self.thread_id)
                     await self._serve(children)
-                except Exception as exc:
+                except Exception as exc:  # a failed actor drops its subscribers (see docstring)
                     log.exception("thread.actor_failed", error=type(exc).__name__)
                     metrics.ACTOR_RESTARTS.labels(actor="thread").inc()
+                    unanswered = self._drain()
                     self._leave()
                     self._drop_all("error")
+                    self._fail_pending(unanswered)
                 children.cancel_scope.cancel()
         finally:
             self._leave()
             metrics.THREAD_ACTORS.dec()
+
+    def _drain(self) -> list[Message]:
+        """Take whatever is still in the mailbox (before it is closed)."""
+        pending: list[Message] = []
+        while True:
+            try:
+                pending.append(self._inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return pending
+
+    def _fail_pending(self, pending: list[Message]) -> None:
+        """Answer every waiting sender at once; hand unstarted children to a fresh actor once."""
+        for message in pending:
+            if isinstance(message, Subscribe | GoLive | CancelChild):
+                message.reply.fail(Unavailable("The thread restarted; try again."))
+            elif isinstance(message, Unsubscribe) and message.reply is not None:
+                message.reply.set(False)
+            elif isinstance(message, RunChild):
+                if message.attempt == 0 and self._on_orphan is not None:
+                    self._on_orphan(message)
+                else:
+                    log.error("thread.child_lost", child=message.name)
 
     async def _serve(self, children: trio.Nursery) -> None:
         while True:

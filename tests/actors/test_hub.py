@@ -11,7 +11,8 @@ import trio
 import trio.testing
 
 from actors.hub import Hub
-from actors.thread import DropReason
+from actors.thread import DropReason, Reply, Subscribe
+from server.errors import Unavailable
 from server.events import ThreadEvent
 
 T = "00000000-0000-0000-0000-000000000001"
@@ -246,3 +247,39 @@ async def test_a_failing_actor_drops_its_subscribers(hub: Hub, memlog: MemoryLog
     await trio.testing.wait_all_tasks_blocked()
     assert sub.drops == ["error"]
     assert hub.actors == {}
+
+
+async def test_a_failed_actor_answers_waiters_and_hands_on_unstarted_children(
+    hub: Hub, memlog: MemoryLog
+) -> None:
+    sub = Sub()
+    await subscribe(hub, sub)
+    ran = trio.Event()
+
+    async def reply() -> None:
+        ran.set()
+
+    real_read = memlog.read
+    calls = 0
+
+    async def fail_once(*args: Any) -> list[ThreadEvent]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("database gone")
+        return await real_read(*args)
+
+    memlog.read = fail_once  # type: ignore[method-assign]
+    memlog.append(T)
+    actor = hub.actors[T]
+    # Queued behind the publish whose gap re-read fails: a child and a late subscriber.
+    hub.publish(memlog.append(T))
+    hub.run_in_thread(T, "reply", reply)
+    waiting: Reply[int] = Reply()
+    actor.mailbox.send_nowait(Subscribe(Sub(), waiting))
+    with trio.fail_after(5):
+        with pytest.raises(Unavailable):
+            await waiting.wait()  # answered at once, not after a timeout
+        await ran.wait()  # run by a fresh actor
+    assert sub.drops == ["error"]
+    assert hub.actors.get(T) is not actor and hub.spawned == 2
