@@ -353,8 +353,8 @@ class AssistantService:
         for type_, event_seq, data in pending:
             self._publish(request.thread_id, type_, event_seq, data)
         if refused is not None:
+            # No provider call was made, so threadline_llm_requests_total is not touched.
             log.info("assistant.refused", thread_id=request.thread_id, reason=refused)
-            metrics.LLM_REQUESTS.labels(outcome=refused).inc()
             return None
         return _Started(message=message, prompt=prompt, model=model)
 
