@@ -205,3 +205,23 @@ async def test_late_subscriber_gets_the_reply_so_far_then_live_deltas(
                 ("assistant.started", "Hello"),
                 ("assistant.delta", "!"),
             ]
+
+
+async def test_unsubscribe_stops_the_events(server: RunningServer) -> None:
+    services = server.services
+    owner = await new_owner(services)
+    thread_id = await new_thread(services, owner)
+    async with connect(server, owner.token) as client, connect(server, owner.token) as watcher:
+        assert (await client.request("subscribe", thread_id=thread_id))["ok"]
+        assert (await watcher.request("subscribe", thread_id=thread_id))["ok"]
+        await post(services, owner, thread_id, "one")
+        await client.wait_events(1)
+        assert (await client.request("unsubscribe", thread_id=thread_id))["data"] == {}
+        await post(services, owner, thread_id, "two")
+        # Once the watcher has seq 2, the actor has fanned it out to every subscriber; a ping's
+        # reply is queued after anything queued for the client before it.
+        await watcher.wait_events(2)
+        assert (await client.request("ping"))["ok"]
+        assert [e["seq"] for e in client.events] == [1]
+        hub = server.services.extras["realtime"].hub
+        assert len(hub.actors[thread_id].subscribers) == 1
