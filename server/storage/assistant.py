@@ -214,11 +214,18 @@ async def unsummarised_size(tx: Tx, thread_id: str) -> tuple[int, int]:
 
 
 async def unsummarised_turns(tx: Tx, thread_id: str, after_seq: int) -> list[Record]:
-    """Finished, non-deleted user/assistant messages after ``after_seq``, oldest first."""
+    """Finished, non-deleted user/assistant messages after ``after_seq``, oldest first.
+
+    Stops before a reply still streaming, so a summary never ends past a message it could not
+    include (that message would otherwise vanish from later prompts).
+    """
     return await tx.fetch(
         """SELECT id, seq, role, content FROM messages
             WHERE thread_id = $1 AND seq > $2 AND deleted_at IS NULL
               AND role IN ('user', 'assistant') AND status <> 'streaming' AND content <> ''
+              AND seq < COALESCE((SELECT min(seq) FROM messages
+                                   WHERE thread_id = $1 AND status = 'streaming'),
+                                 9223372036854775807)
             ORDER BY seq""",
         thread_id,
         after_seq,
