@@ -21,7 +21,7 @@ Queues and their overflow actions:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +43,10 @@ CLOSE_HEARTBEAT_TIMEOUT = 4003
 CLOSE_RATE_LIMITED = 4029
 CLOSE_TOKEN_EXPIRED = 4001  # not in the contract: the credential the socket opened with expired
 
+# A writer sends what has queued up in one write: at most this many frames / characters.
+_BATCH_FRAMES = 64
+_BATCH_CHARS = 256 * 1024
+
 _DROP_CLOSE = {
     "slow_consumer": (CLOSE_SLOW_CONSUMER, "slow_consumer"),
     "error": (CLOSE_INTERNAL, "error"),
@@ -60,8 +64,9 @@ class Transport(Protocol):
     async def receive(self) -> str | bytes:
         """The next message; raises ``TransportClosed`` when the peer has gone."""
 
-    async def send(self, text: str) -> None:
-        """Write one text frame. May block while the client is not reading."""
+    async def send(self, texts: Sequence[str]) -> None:
+        """Write these text frames, in order (in one write when it can). May block while the
+        client is not reading."""
 
     async def ping(self, payload: bytes) -> None:
         """Send a Ping frame. May block while the client is not reading."""
@@ -306,9 +311,21 @@ class Connection:
             await self.handler.handle(self, item)
 
     async def _writer(self) -> None:
+        """Drain the outbound queue; frames already waiting go out together in one write."""
         out = metrics.WS_FRAMES.labels(direction="out")
-        async for frame in self._out_recv:
-            await self.transport.send(frame.text)
-            out.inc()
-            if frame.committed_at is not None:
-                metrics.EVENT_DELIVERY.observe(trio.current_time() - frame.committed_at)
+        async for first in self._out_recv:
+            batch = [first]
+            size = len(first.text)
+            while len(batch) < _BATCH_FRAMES and size < _BATCH_CHARS:
+                try:
+                    frame = self._out_recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(frame)
+                size += len(frame.text)
+            await self.transport.send([frame.text for frame in batch])
+            out.inc(len(batch))
+            now = trio.current_time()
+            for frame in batch:
+                if frame.committed_at is not None:
+                    metrics.EVENT_DELIVERY.observe(now - frame.committed_at)

@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +75,12 @@ class QuartTransport:
     async def receive(self) -> str | bytes:
         return await self._ws.receive()  # type: ignore[no-any-return]
 
-    async def send(self, text: str) -> None:
-        await self._ws.send(text)
+    async def send(self, texts: Sequence[str]) -> None:
+        if self._control is not None:
+            await self._control.send_texts(texts)
+        else:
+            for text in texts:
+                await self._ws.send(text)
 
     async def ping(self, payload: bytes) -> None:
         if self._control is not None:

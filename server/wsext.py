@@ -15,7 +15,8 @@ What: ``install()`` wraps two methods, once per process:
   ``websocket.scope`` refers to -- after wrapping the wsproto connection's ``events`` so every
   Pong is reported to ``WSControl.on_pong``.
 
-``WSControl`` offers ``ping(payload)`` (a real Ping frame through hypercorn's own send path),
+``WSControl`` offers ``send_texts(texts)`` (several frames in one write, the writer's batch),
+``ping(payload)`` (a real Ping frame through hypercorn's own send path),
 ``abort()`` (closes the TCP socket: every blocked ``send_all`` wakes with
 ``ClosedResourceError``, which hypercorn turns into a disconnect) and ``server_close_code``
 (1009 when hypercorn closed the stream itself for an oversized message). It also declines
@@ -29,14 +30,16 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from importlib.metadata import version
 from typing import Any
 
 import trio
 from hypercorn.protocol import ws_stream
+from hypercorn.protocol.events import Data
 from hypercorn.trio import tcp_server
-from wsproto.events import CloseConnection, Event, Ping, Pong
+from wsproto.events import CloseConnection, Event, Ping, Pong, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 SUPPORTED = ("0.18.",)
 EXTENSION_KEY = "threadline"
@@ -62,6 +65,20 @@ class WSControl:
     async def ping(self, payload: bytes) -> None:
         """Send a Ping frame. Blocks (uncancellably) while the client's socket is full."""
         await self._stream._send_wsproto_event(Ping(payload=payload))
+
+    async def send_texts(self, texts: Sequence[str]) -> None:
+        """Write text frames, in order, in a single write (what ``websocket.send`` does per frame).
+
+        Like hypercorn's own ``app_send``, does nothing once the stream is closed or closing.
+        """
+        stream = self._stream
+        if stream.closed or stream.state is not ws_stream.ASGIWebsocketState.CONNECTED:
+            return
+        try:
+            data = b"".join(stream.connection.send(TextMessage(data=text)) for text in texts)
+        except LocalProtocolError:
+            return  # the WebSocket is closing
+        await stream.send(Data(stream_id=stream.stream_id, data=data))
 
     async def abort(self) -> None:
         """Close the TCP connection at once, without a close handshake."""

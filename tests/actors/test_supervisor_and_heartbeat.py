@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import pytest
 import trio
@@ -72,14 +73,18 @@ class FakeTransport:
         self.pings: list[float] = []
         self.closed_with: tuple[int, str] | None = None
         self.aborted = False
+        self.batches: list[list[str]] = []
+        self.gate = trio.Event()
+        self.gate.set()
         self._never = trio.Event()
 
     async def receive(self) -> str | bytes:
         await self._never.wait()
         return ""
 
-    async def send(self, text: str) -> None:
-        await trio.lowlevel.checkpoint()
+    async def send(self, texts: Sequence[str]) -> None:
+        self.batches.append(list(texts))
+        await self.gate.wait()
 
     async def ping(self, payload: bytes) -> None:
         self.pings.append(trio.current_time())
@@ -176,3 +181,24 @@ async def test_connection_closes_4001_when_its_token_expires(
     await conn.run()
     assert transport.closed_with == (4001, "token_expired")
     assert trio.current_time() - start == pytest.approx(3600)
+
+
+async def test_writer_sends_what_queued_up_in_one_write(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    heartbeat = Heartbeat(interval_s=1000, timeout_s=10)
+    transport = FakeTransport(heartbeat, answer_pings=True)
+    transport.gate = trio.Event()  # the client is slow: the first write takes a while
+    conn = Connection(transport, NoOps(), heartbeat, outbound_size=16, inbound_size=4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run)
+        await trio.sleep(1)
+        assert conn.offer("f0", None)
+        await trio.sleep(1)  # the writer is now stuck writing f0
+        for i in range(1, 6):
+            assert conn.offer(f"f{i}", None)
+        await trio.sleep(1)
+        transport.gate.set()
+        await trio.sleep(1)
+        conn.close(1001, "shutdown")
+    assert transport.batches == [["f0"], ["f1", "f2", "f3", "f4", "f5"]]
