@@ -1,19 +1,21 @@
 """Streaming benchmark: M concurrent assistant replies, each watched by K WebSocket clients.
 
-Everything real except the model: the server on loopback, PostgreSQL (embedded in a temporary
-directory, or ``THREADLINE_TEST_DATABASE_URL``), trio-websocket clients, and the fake provider
+Everything real except the model: the server on loopback (``threadline serve`` as its own
+process unless ``--server inline``), PostgreSQL (embedded in a temporary directory, or
+``THREADLINE_TEST_DATABASE_URL``), trio-websocket clients, and the fake provider
 (``threadline fake-llm``, its own process unless ``--fake inline``) streaming ``--tokens`` tokens
-``--delay-ms`` apart. One run prints:
+``--delay-ms`` apart. All M user messages are sent at once (one per thread, each on its own
+watcher's connection). One run prints:
 
 * tokens/s delivered: tokens of assistant text received, summed over all watchers, per second;
 * frames/s: ``assistant.delta`` frames received, summed over all watchers, per second;
-* time to first delta: from the user's send to a watcher's first delta, and the part of it the
-  server adds: a watcher's first delta minus the moment the provider sent its first token
-  (p50/p99 over all watchers).
+* time to first delta: from the user's send to a watcher's first delta; the part before the
+  provider sent its first token (command, reply start transaction, HTTP request); and the part
+  the server adds after it: a watcher's first delta minus the provider's first token (p50/p99
+  over all watchers);
+* CPU seconds used by the server process during the run (process mode).
 
-The WebSocket clients run in the same process (and on the same core) as the server, so figures
-are a lower bound of what the server alone can do. Times are wall-clock (``time.time()``), so
-they compare across the server and the provider process.
+Times are wall-clock (``time.time()``) so they compare across processes.
 
     .venv/bin/python loadtests/bench_stream.py --replies 50 --watchers 4 --tokens 200 --delay-ms 5
 """
@@ -25,18 +27,20 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import trio
 import trio_asyncio
 from trio_websocket import open_websocket_url
@@ -66,6 +70,19 @@ class Watcher:
     done: trio.Event = field(default_factory=trio.Event)
 
 
+@dataclass
+class Target:
+    """A server ready for the run: where its WebSocket is, a token, the threads to reply in."""
+
+    ws_url: str
+    token: str
+    thread_ids: list[str]
+    server_pid: int | None = None
+
+
+# -- infrastructure ----------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def database() -> Iterator[str]:
     external = os.environ.get("THREADLINE_TEST_DATABASE_URL")
@@ -82,16 +99,73 @@ def database() -> Iterator[str]:
             yield dsn
 
 
+def _bench_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    env.update(
+        THREADLINE_LOG_LEVEL="warning",
+        THREADLINE_LOG_FORMAT="json",
+        THREADLINE_RATE_LIMIT_PER_S="1000000",
+        THREADLINE_RATE_LIMIT_BURST="1000000",
+        THREADLINE_IP_RATE_LIMIT_PER_S="1000000",
+        THREADLINE_IP_RATE_LIMIT_BURST="1000000",
+        THREADLINE_DB_POOL_MAX="20",
+        THREADLINE_WS_OUTBOUND_QUEUE="4096",
+    )
+    return env
+
+
+@contextlib.contextmanager
+def process(
+    argv: list[str], env: dict[str, str], ready_prefix: str
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Start a ``threadline`` subcommand; yield it and its URL (from its first line)."""
+    proc = subprocess.Popen(
+        # BENCH_PYTHON_ARGS="-m cProfile -o /tmp/{cmd}.prof" profiles the processes.
+        [
+            sys.executable,
+            *os.environ.get("BENCH_PYTHON_ARGS", "").replace("{cmd}", argv[0]).split(),
+            "-m",
+            "server.cli",
+            *argv,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith(ready_prefix):
+            raise SystemExit(f"{argv[0]} did not start: {line!r}")
+        yield proc, line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 async def watch(
-    url: str, token: str, watcher: Watcher, ready: trio.Event, sends: trio.MemorySendChannel[Any]
+    target: Target, watcher: Watcher, ready: trio.Event, subscribed: trio.MemorySendChannel[Any]
 ) -> None:
-    headers = [("Authorization", f"Bearer {token}")]
-    async with open_websocket_url(url, extra_headers=headers) as ws:
+    headers = [("Authorization", f"Bearer {target.token}")]
+    async with open_websocket_url(target.ws_url, extra_headers=headers) as ws:
         await ws.send_message(
             json.dumps({"op": "subscribe", "ref": "s", "thread_id": watcher.thread_id})
         )
@@ -100,22 +174,19 @@ async def watch(
             if frame["op"] == "reply":
                 assert frame["ok"], frame
                 break
-        async with sends:
+        async with subscribed:
             pass
         await ready.wait()
         if watcher.sends:
             watcher.sent_at = time.time()
-            await ws.send_message(
-                json.dumps(
-                    {
-                        "op": "send",
-                        "ref": "m",
-                        "thread_id": watcher.thread_id,
-                        "content": f"bench {watcher.thread_id}",
-                        "client_msg_id": uuid.uuid4().hex,
-                    }
-                )
-            )
+            send = {
+                "op": "send",
+                "ref": "m",
+                "thread_id": watcher.thread_id,
+                "content": f"bench {watcher.thread_id}",
+                "client_msg_id": uuid.uuid4().hex,
+            }
+            await ws.send_message(json.dumps(send))
         while True:
             frame = json.loads(await ws.get_message())
             if frame["op"] != "event":
@@ -130,141 +201,175 @@ async def watch(
                 return
 
 
-async def bench(dsn: str, args: argparse.Namespace, provider_url: str | None) -> dict[str, Any]:
-    """Run one benchmark; with ``provider_url`` None the fake provider runs in this process."""
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(trio_asyncio.open_loop())
-        if provider_url is None:
-            fake = await stack.enter_async_context(open_fake_llm())
-            fake.configure(tokens=args.tokens, delay_per_token_ms=args.delay_ms)
-            provider_url = fake.url
-            first_token_times = fake.first_token_unix
-        settings = Settings(
-            env="test",
-            data_dir=Path(tempfile.gettempdir()) / "tl-bench-data",
-            jwt_secret="bench-" + uuid.uuid4().hex,
-            llm_base_url=provider_url,
-            llm_model="fake-gpt",
-            llm_max_reply_tokens=max(args.tokens, 16),
-            db_pool_min=2,
-            db_pool_max=20,
-            rate_limit_per_s=1e6,
-            rate_limit_burst=1_000_000,
-            ip_rate_limit_per_s=1e6,
-            ip_rate_limit_burst=1_000_000,
-            ws_outbound_queue=4096,
-            log_format="json",
-            log_level="warning",
+async def run_watchers(target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """Subscribe every watcher, send all M messages at once, wait for every reply to end."""
+    watchers = [Watcher(t, sends=k == 0) for t in target.thread_ids for k in range(args.watchers)]
+    server = psutil.Process(target.server_pid) if target.server_pid else None
+    ready = trio.Event()
+    async with trio.open_nursery() as nursery:
+        subscribed_send, subscribed = trio.open_memory_channel[Any](0)
+        async with subscribed_send:
+            for w in watchers:
+                nursery.start_soon(watch, target, w, ready, subscribed_send.clone())
+        async for _ in subscribed:
+            pass  # every watcher closed its clone: all are subscribed
+        server_cpu = sum(server.cpu_times()[:2]) if server else 0.0
+        start, cpu_start = time.time(), time.process_time()
+        ready.set()  # every thread's first watcher sends now
+        with trio.fail_after(args.timeout):
+            for w in watchers:
+                await w.done.wait()
+        end, cpu = time.time(), time.process_time() - cpu_start
+        if server:
+            server_cpu = sum(server.cpu_times()[:2]) - server_cpu
+    return {
+        "watchers": watchers,
+        "start": start,
+        "end": end,
+        "bench_cpu": cpu,
+        "server_cpu": server_cpu if server else None,
+    }
+
+
+async def inline_target(
+    stack: contextlib.AsyncExitStack, dsn: str, provider_url: str, args: argparse.Namespace
+) -> Target:
+    """The server inside this process (``--server inline``), users and threads made directly."""
+    await stack.enter_async_context(trio_asyncio.open_loop())
+    settings = Settings(
+        env="test",
+        data_dir=Path(tempfile.gettempdir()) / "tl-bench-data",
+        jwt_secret="bench-" + uuid.uuid4().hex,
+        llm_base_url=provider_url,
+        llm_model="fake-gpt",
+        llm_max_reply_tokens=max(args.tokens, 16),
+        db_pool_min=2,
+        db_pool_max=20,
+        rate_limit_per_s=1e6,
+        rate_limit_burst=1_000_000,
+        ip_rate_limit_per_s=1e6,
+        ip_rate_limit_burst=1_000_000,
+        ws_outbound_queue=4096,
+        log_format="json",
+        log_level="warning",
+    )
+    running = await stack.enter_async_context(open_server(settings, dsn, bind="127.0.0.1:0"))
+    services = running.services
+    user, token = await create_user_with_token(services)
+    principal = Principal(
+        user_id=user.id, email=user.email, jti=uuid.uuid4().hex, expires_at=2e9, via="bearer"
+    )
+    project = await execute(services, principal, CreateProject(name="bench"))
+    assert project.data is not None
+    thread_ids = []
+    for i in range(args.replies):
+        thread = await execute(
+            services, principal, CreateThread(project_id=str(project.data["id"]), title=f"b{i}")
         )
-        async with open_server(settings, dsn, bind="127.0.0.1:0") as running:
-            services = running.services
-            user, token = await create_user_with_token(services)
-            principal = Principal(
-                user_id=user.id,
-                email=user.email,
-                jti=uuid.uuid4().hex,
-                expires_at=2e9,
-                via="bearer",
+        assert thread.data is not None
+        thread_ids.append(str(thread.data["id"]))
+    return Target(running.url.replace("http://", "ws://") + "/ws", token, thread_ids)
+
+
+async def rest_target(base: str, args: argparse.Namespace, pid: int) -> Target:
+    """A server process (``--server process``): a user, a project and M threads over REST."""
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        creds = {"email": f"bench-{uuid.uuid4().hex[:10]}@example.com", "password": "bench pw 1!"}
+        (await http.post("/api/v1/auth/register", json=creds)).raise_for_status()
+        token = (await http.post("/api/v1/auth/login", json=creds)).json()["access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        project = (await http.post("/api/v1/projects", json={"name": "bench"}, headers=auth)).json()
+        thread_ids = []
+        for i in range(args.replies):
+            r = await http.post(
+                f"/api/v1/projects/{project['id']}/threads", json={"title": f"b{i}"}, headers=auth
             )
-            project = await execute(services, principal, CreateProject(name="bench"))
-            assert project.data is not None
-            thread_ids = []
-            for i in range(args.replies):
-                thread = await execute(
-                    services,
-                    principal,
-                    CreateThread(project_id=str(project.data["id"]), title=f"bench {i}"),
-                )
-                assert thread.data is not None
-                thread_ids.append(str(thread.data["id"]))
-            url = running.url.replace("http://", "ws://") + "/ws"
-            watchers = [Watcher(t, sends=k == 0) for t in thread_ids for k in range(args.watchers)]
-            ready = trio.Event()
-            async with trio.open_nursery() as nursery:
-                subscribed_send, subscribed = trio.open_memory_channel[Any](0)
-                async with subscribed_send:
-                    for w in watchers:
-                        nursery.start_soon(watch, url, token, w, ready, subscribed_send.clone())
-                async for _ in subscribed:
-                    pass  # every watcher closed its clone: all are subscribed
-                ready.set()  # every thread's first watcher sends now, all at once
-                start = time.time()
-                cpu_start = time.process_time()
-                with trio.fail_after(args.timeout):
-                    for w in watchers:
-                        await w.done.wait()
-                end = time.time()
-                cpu = time.process_time() - cpu_start
-        if args.fake == "process":
-            async with httpx.AsyncClient() as http:
-                stats = (await http.get(provider_url.removesuffix("/v1") + "/control/stats")).json()
-            first_token_times = stats["first_token_at_unix"]
-    wall = end - start
+            r.raise_for_status()
+            thread_ids.append(r.json()["id"])
+    return Target(base.replace("http://", "ws://") + "/ws", token, thread_ids, server_pid=pid)
+
+
+@contextlib.asynccontextmanager
+async def inline_fake(args: argparse.Namespace) -> AsyncIterator[tuple[str, dict[str, float]]]:
+    async with open_fake_llm() as fake:
+        fake.configure(tokens=args.tokens, delay_per_token_ms=args.delay_ms)
+        yield fake.url, fake.first_token_unix
+
+
+async def bench(dsn: str, args: argparse.Namespace, provider_url: str | None) -> dict[str, Any]:
+    """One run with the server in this process; the fake too when ``provider_url`` is None."""
+    async with contextlib.AsyncExitStack() as stack:
+        first_tokens: dict[str, float] | None = None
+        if provider_url is None:
+            provider_url, first_tokens = await stack.enter_async_context(inline_fake(args))
+        target = await inline_target(stack, dsn, provider_url, args)
+        run = await run_watchers(target, args)
+    if first_tokens is None:
+        first_tokens = await fetch_first_tokens(provider_url)
+    return report(run, first_tokens, args)
+
+
+async def bench_process(
+    base: str, pid: int, provider_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One run against a server process (the fake provider is a process too)."""
+    target = await rest_target(base, args, pid)
+    run = await run_watchers(target, args)
+    return report(run, await fetch_first_tokens(provider_url), args)
+
+
+async def fetch_first_tokens(provider_url: str) -> dict[str, float]:
+    async with httpx.AsyncClient() as http:
+        stats = (await http.get(provider_url.removesuffix("/v1") + "/control/stats")).json()
+    return dict(stats["first_token_at_unix"])
+
+
+def report(
+    run: dict[str, Any], first_tokens: dict[str, float], args: argparse.Namespace
+) -> dict[str, Any]:
+    watchers: list[Watcher] = run["watchers"]
+    wall = run["end"] - run["start"]
     delivered = sum(tokens.count_text("".join(w.text)) for w in watchers)
     frames = sum(w.frames for w in watchers)
     sent_at = {w.thread_id: w.sent_at for w in watchers if w.sent_at is not None}
     ttfd = [w.first_delta_at - sent_at[w.thread_id] for w in watchers if w.first_delta_at]
     to_provider = [
-        first_token_times[f"bench {t}"] - sent
+        first_tokens[f"bench {t}"] - sent
         for t, sent in sent_at.items()
-        if f"bench {t}" in first_token_times
+        if f"bench {t}" in first_tokens
     ]
     overhead = [
-        w.first_delta_at - first_token_times[f"bench {w.thread_id}"]
+        w.first_delta_at - first_tokens[f"bench {w.thread_id}"]
         for w in watchers
-        if w.first_delta_at and f"bench {w.thread_id}" in first_token_times
+        if w.first_delta_at and f"bench {w.thread_id}" in first_tokens
     ]
     complete = sum(1 for w in watchers if len("".join(w.text).split()) == args.tokens)
+
+    def pcts(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"p50": float("nan"), "p99": float("nan")}
+        return {
+            "p50": round(statistics.median(values) * 1000, 2),
+            "p99": round(percentile(values, 99) * 1000, 2),
+        }
+
     return {
+        "server": args.server,
         "replies": args.replies,
         "watchers_per_reply": args.watchers,
         "tokens_per_reply": args.tokens,
         "provider_delay_ms_per_token": args.delay_ms,
         "wall_s": round(wall, 3),
-        "process_cpu_s": round(cpu, 3),
+        "server_cpu_s": None if run["server_cpu"] is None else round(run["server_cpu"], 3),
+        "bench_process_cpu_s": round(run["bench_cpu"], 3),
         "watchers_with_full_text": f"{complete}/{len(watchers)}",
         "tokens_delivered_per_s": round(delivered / wall, 1),
         "frames_per_s": round(frames / wall, 1),
         "frames_per_reply_per_watcher": round(frames / len(watchers), 1),
-        "ttfd_from_send_ms": {
-            "p50": round(statistics.median(ttfd) * 1000, 2),
-            "p99": round(percentile(ttfd, 99) * 1000, 2),
-        },
-        "send_to_provider_first_token_ms": {
-            "p50": round(statistics.median(to_provider) * 1000, 2),
-            "p99": round(percentile(to_provider, 99) * 1000, 2),
-        },
-        "ttfd_overhead_added_by_server_ms": {
-            "p50": round(statistics.median(overhead) * 1000, 2),
-            "p99": round(percentile(overhead, 99) * 1000, 2),
-        },
+        "ttfd_from_send_ms": pcts(ttfd),
+        "send_to_provider_first_token_ms": pcts(to_provider),
+        "ttfd_overhead_added_by_server_ms": pcts(overhead),
     }
-
-
-@contextlib.contextmanager
-def provider_process(args: argparse.Namespace) -> Iterator[str | None]:
-    """``threadline fake-llm`` as its own process (``--fake process``), configured for the run."""
-    if args.fake != "process":
-        yield None
-        return
-    exe = Path(sys.executable).parent / "threadline"
-    proc = subprocess.Popen(
-        [str(exe), "fake-llm", "--port", "0"],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "THREADLINE_LOG_LEVEL": "warning"},
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().rsplit(" ", 1)[1].strip()
-        httpx.post(
-            url.removesuffix("/v1") + "/control",
-            json={"tokens": args.tokens, "delay_per_token_ms": args.delay_ms},
-        ).raise_for_status()
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
 
 
 def main() -> None:
@@ -273,17 +378,44 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=4, help="K watchers per reply")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per reply")
     parser.add_argument("--delay-ms", type=float, default=5.0, help="provider delay per token")
-    parser.add_argument(
-        "--fake",
-        choices=["process", "inline"],
-        default="process",
-        help="run the fake provider as its own process (default) or inside this one",
-    )
+    parser.add_argument("--server", choices=["process", "inline"], default="process")
+    parser.add_argument("--fake", choices=["process", "inline"], default="process")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
+    if args.server == "process":
+        args.fake = "process"
     configure_logging("json", "warning")
-    with database() as dsn, provider_process(args) as url:
-        result = trio.run(bench, dsn, args, url)
+    env = _bench_env()
+    with contextlib.ExitStack() as stack:
+        provider_url: str | None = None
+        if args.fake == "process":
+            _, provider_url = stack.enter_context(
+                process(["fake-llm", "--port", "0"], env, "fake-llm: serving on")
+            )
+            httpx.post(
+                provider_url.removesuffix("/v1") + "/control",
+                json={"tokens": args.tokens, "delay_per_token_ms": args.delay_ms},
+            ).raise_for_status()
+        if args.server == "inline":
+            dsn = stack.enter_context(database())
+            result = trio.run(bench, dsn, args, provider_url)
+        else:
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-bench-"))
+            os.chmod(data_dir, 0o777)
+            assert provider_url is not None
+            server_env = {
+                **env,
+                "THREADLINE_DATA_DIR": data_dir,
+                "THREADLINE_LLM_BASE_URL": provider_url,
+                "THREADLINE_LLM_MODEL": "fake-gpt",
+                "THREADLINE_LLM_MAX_REPLY_TOKENS": str(max(args.tokens, 16)),
+            }
+            if os.environ.get("THREADLINE_TEST_DATABASE_URL"):
+                server_env["THREADLINE_DATABASE_URL"] = os.environ["THREADLINE_TEST_DATABASE_URL"]
+            proc, base = stack.enter_context(
+                process(["serve", "--port", str(free_port())], server_env, "threadline: serving on")
+            )
+            result = trio.run(bench_process, base, proc.pid, provider_url, args)
     print(json.dumps(result, indent=2))
 
 

@@ -23,7 +23,7 @@ def _load() -> ModuleType:
 async def test_bench_stream_small_run(pg_dsn: str) -> None:
     bench = _load()
     args = argparse.Namespace(
-        replies=3, watchers=2, tokens=20, delay_ms=1.0, fake="inline", timeout=30.0
+        replies=3, watchers=2, tokens=20, delay_ms=1.0, fake="inline", server="inline", timeout=30.0
     )
     result = await bench.bench(pg_dsn, args, None)
     assert result["watchers_with_full_text"] == "6/6"
