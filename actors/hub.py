@@ -47,6 +47,7 @@ from actors.thread import (
     CancelChild,
     EventLog,
     GoLive,
+    Message,
     Reply,
     RunChild,
     Subscribe,
@@ -55,6 +56,7 @@ from actors.thread import (
     Unsubscribe,
     encode,
 )
+from server.config import Settings
 from server.errors import Unavailable
 from server.events import ThreadEvent
 
@@ -103,7 +105,7 @@ class Hub:
         self.spawned = 0
 
     @classmethod
-    def from_settings(cls, log_reader: EventLog, settings: Any) -> Hub:
+    def from_settings(cls, log_reader: EventLog, settings: Settings) -> Hub:
         """A hub sized by ``thread_mailbox``, ``thread_idle_timeout_s``, ``ws_outbound_queue``."""
         return cls(
             log_reader,
@@ -172,7 +174,9 @@ class Hub:
         if self.actors.get(actor.thread_id) is actor:
             del self.actors[actor.thread_id]
 
-    async def _send(self, thread_id: str, make: Callable[[], Any], *, spawn: bool = True) -> bool:
+    async def _send(
+        self, thread_id: str, make: Callable[[], Message], *, spawn: bool = True
+    ) -> bool:
         """Put a control message into the thread's mailbox, retrying if that actor just stopped."""
         with trio.fail_after(_CONTROL_TIMEOUT_S):
             while True:
