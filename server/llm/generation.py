@@ -85,6 +85,8 @@ class _Started:
     message: dict[str, Any]
     prompt: Prompt
     model: str
+    # The prompt holds every turn since the latest summary (none was cut for length).
+    whole_history: bool = False
 
 
 class AssistantService:
@@ -356,7 +358,8 @@ class AssistantService:
             # No provider call was made, so threadline_llm_requests_total is not touched.
             log.info("assistant.refused", thread_id=request.thread_id, reason=refused)
             return None
-        return _Started(message=message, prompt=prompt, model=model)
+        whole = prompt.turns_included == len(rows) < store.HISTORY_LIMIT
+        return _Started(message=message, prompt=prompt, model=model, whole_history=whole)
 
     async def _save_periodically(self, message_id: str, parts: list[str]) -> None:
         saved = 0
@@ -453,7 +456,17 @@ class AssistantService:
             chars=len(text),
         )
         if status == "completed" and self._on_completed is not None:
-            self._on_completed(request.thread_id)
+            # When the prompt carried everything since the latest summary, its size plus the
+            # answer bounds what the summariser would count: below the threshold, the poke
+            # (and its database round trips) would only end in "skipped".
+            small = (
+                started.whole_history
+                and usage is not None
+                and usage.prompt_tokens + usage.completion_tokens
+                < self.settings.summary_threshold_tokens
+            )
+            if not small:
+                self._on_completed(request.thread_id)
 
     @staticmethod
     def _failed_payload(message_id: str, content: str, status: str, reason: str) -> dict[str, Any]:
