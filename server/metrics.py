@@ -17,7 +17,7 @@ WS_FRAMES = Counter(
 WS_DISCONNECTS = Counter(
     "threadline_ws_disconnects_total",
     "WebSocket disconnects by reason (client, slow_consumer, heartbeat_timeout, rate_limited, "
-    "too_large, shutdown, error).",
+    "too_large, shutdown, error, token_expired).",
     ["reason"],
 )
 WS_OUTBOUND_QUEUE_DEPTH = Histogram(
