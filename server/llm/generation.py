@@ -55,6 +55,8 @@ log = structlog.get_logger(__name__)
 _SAVE_INTERVAL_S = 2.0
 _FINAL_WRITE_TIMEOUT_S = 5.0
 _QUEUE_LIMIT = 8
+# A worker not running this long after it was handed to the thread's actor is presumed lost.
+_WORKER_START_GRACE_S = 10.0
 # A streaming reply older than the total timeout plus this cannot be alive in any process.
 _STALE_MARGIN_S = 60.0
 
@@ -111,6 +113,7 @@ class AssistantService:
         self._on_completed = on_completed
         self._queues: dict[str, collections.deque[ReplyRequest]] = {}
         self._active: dict[str, _Reply] = {}
+        self._spawned_at: dict[str, float] = {}  # workers asked for but not yet running
         self._closing = False
         self.save_interval_s = _SAVE_INTERVAL_S  # how often a streaming reply's text is saved
 
@@ -121,15 +124,32 @@ class AssistantService:
         if self._closing:
             log.warning("assistant.refused_draining", thread_id=request.thread_id)
             return
-        queue = self._queues.get(request.thread_id)
+        thread_id = request.thread_id
+        queue = self._queues.get(thread_id)
         if queue is not None:
             if len(queue) >= _QUEUE_LIMIT:
-                log.warning("assistant.queue_full", thread_id=request.thread_id)
+                log.warning("assistant.queue_full", thread_id=thread_id)
                 return
             queue.append(request)
+            if self._worker_lost(thread_id):
+                log.warning("assistant.worker_lost", thread_id=thread_id)
+                self._spawn(thread_id, lambda: self._worker(thread_id))
             return
-        self._queues[request.thread_id] = collections.deque([request])
-        self._spawn(request.thread_id, lambda: self._worker(request.thread_id))
+        self._queues[thread_id] = collections.deque([request])
+        self._spawn(thread_id, lambda: self._worker(thread_id))
+
+    def _worker_lost(self, thread_id: str) -> bool:
+        """A queue whose worker never started (its actor died before running it) is orphaned.
+
+        A running worker always has a reply in ``_active`` (it moves from one to the next with
+        no checkpoint in between), so a queue with none, spawned long ago, has no worker.
+        """
+        spawned = self._spawned_at.get(thread_id)
+        return (
+            thread_id not in self._active
+            and spawned is not None
+            and trio.current_time() - spawned > _WORKER_START_GRACE_S
+        )
 
     async def cancel(self, thread_id: str) -> bool:
         """Stop the reply being generated in ``thread_id`` (it ends ``cancelled``)."""
@@ -201,6 +221,7 @@ class AssistantService:
             await trio.sleep(self.settings.llm_total_timeout_s)
 
     def _spawn(self, thread_id: str, fn: Callable[[], Awaitable[None]]) -> None:
+        self._spawned_at[thread_id] = trio.current_time()
         hub = self.services.actors
         if hub is not None and hasattr(hub, "run_in_thread"):
             try:
@@ -212,7 +233,10 @@ class AssistantService:
 
     async def _worker(self, thread_id: str) -> None:
         """Answer the thread's queued requests one after another."""
-        queue = self._queues[thread_id]
+        queue = self._queues.get(thread_id)
+        if queue is None or thread_id in self._active:
+            return  # a respawned worker arriving after the original one: nothing to do
+        self._spawned_at.pop(thread_id, None)
         try:
             while queue and not self._closing:
                 reply = _Reply(queue[0])
