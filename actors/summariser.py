@@ -64,7 +64,6 @@ class Summariser:
         self._publish = publish
         self._send, self._receive = trio.open_memory_channel[str](mailbox_size)
         self._queued: set[str] = set()
-        self.idle = trio.Event()  # set whenever the mailbox has been drained
 
     def poke(self, thread_id: str) -> None:
         """Ask for ``thread_id`` to be looked at. Never blocks; drops the poke if full."""
@@ -77,15 +76,11 @@ class Summariser:
             metrics.SUMMARIES.labels(outcome="dropped").inc()
             return
         self._queued.add(thread_id)
-        if self.idle.is_set():
-            self.idle = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Handle pokes until cancelled. A failure on one thread is logged, never fatal."""
         task_status.started()
         while True:
-            if self._receive.statistics().current_buffer_used == 0:
-                self.idle.set()
             thread_id = await self._receive.receive()
             self._queued.discard(thread_id)
             try:
