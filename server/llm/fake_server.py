@@ -6,7 +6,8 @@ body; ``GET /v1/models``), and can be told to misbehave:
 
 ``POST /control`` with any of ``{"fail_next": N, "status": 503, "retry_after": 1,
 "delay_per_token_ms": 5, "first_token_delay_ms": 0, "hang": true, "drop_after_tokens": K,
-"tokens": N, "text": "exact reply", "reset": true}``; ``GET /control/stats`` counts requests.
+"error_after_tokens": K, "tokens": N, "text": "exact reply", "reset": true}``;
+``GET /control/stats`` counts requests.
 
 Run it in-process with ``open_fake_llm()`` (port 0 picks a free port) or as a process with
 ``threadline fake-llm --port P``. The reply to a prompt is deterministic.
@@ -54,6 +55,7 @@ class FakeControls:
     first_token_delay_ms: float = 0.0
     hang: bool = False  # accept the request, then send nothing until released
     drop_after_tokens: int | None = None  # break the connection after K tokens
+    error_after_tokens: int | None = None  # send an SSE ``error`` object after K tokens, then end
     tokens: int = 12  # completion length, in tokens (words)
     text: str | None = None  # reply with exactly this text instead (split on spaces)
 
@@ -218,6 +220,10 @@ class FakeLLM:
                 await trio.sleep(controls.first_token_delay_ms / 1000)
             yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}, None))
             for i, piece in enumerate(pieces):
+                if controls.error_after_tokens is not None and i >= controls.error_after_tokens:
+                    error = {"message": "fake mid-stream failure", "type": "server_error"}
+                    yield _sse({"error": error})
+                    return
                 if controls.drop_after_tokens is not None and i >= controls.drop_after_tokens:
                     self.stats.dropped += 1
                     # Ending the body without the final chunks and [DONE], then breaking the

@@ -154,3 +154,18 @@ async def test_unreachable_provider_is_a_connection_error(tmp_path: Path) -> Non
     assert caught.value.reason == "provider_error"
     assert "sk-secret-value" not in str(caught.value)
     await client.aclose()
+
+
+async def test_an_error_event_mid_stream_fails_the_call(tmp_path: Path, fake_llm: FakeLLM) -> None:
+    client = _client(tmp_path, fake_llm, llm_max_retries=3)
+    fake_llm.configure(error_after_tokens=2, tokens=10)
+    got: list[str] = []
+
+    async def on_text(text: str) -> None:
+        got.append(text)
+
+    with pytest.raises(LLMError) as caught:
+        await client.stream_chat(PROMPT, on_text=on_text)
+    assert caught.value.reason == "provider_error" and caught.value.streamed
+    assert got == ["the", " quick"] and fake_llm.stats.requests == 1
+    await client.aclose()
