@@ -28,7 +28,7 @@ import trio
 from quart import Response, current_app, websocket
 from quart_trio import QuartTrio
 
-from actors.connection import CLOSE_GOING_AWAY, Connection, Heartbeat
+from actors.connection import CLOSE_GOING_AWAY, CLOSE_TOKEN_EXPIRED, Connection, Heartbeat
 from actors.hub import Hub
 from actors.supervisor import Supervisor
 from server import metrics, wsext
@@ -54,6 +54,18 @@ class Realtime:
     hub: Hub
     supervisor: Supervisor
     connections: set[Connection] = field(default_factory=set)
+    # The credential (JWT id) each connection was opened with, so a logout can end its sockets.
+    tokens: dict[Connection, str] = field(default_factory=dict)
+
+    def close_token(self, jti: str) -> int:
+        """Close (4001 ``token_revoked``) every socket opened with token ``jti``; how many.
+
+        For the auth layer to call after revoking a token (logout). Never blocks.
+        """
+        closing = [conn for conn, token in self.tokens.items() if token == jti]
+        for conn in closing:
+            conn.close(CLOSE_TOKEN_EXPIRED, "token_revoked")
+        return len(closing)
 
     async def close_all(self, timeout_s: float) -> None:
         """Close every connection with 1001 and wait (at most ``timeout_s``) until all are gone."""
@@ -146,11 +158,13 @@ async def ws_endpoint() -> Response | None:
     )
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     realtime.connections.add(conn)
+    realtime.tokens[conn] = principal.jti
     log.info("ws.opened", connection_id=conn.id)
     try:
         await conn.run()
     finally:
         realtime.connections.discard(conn)
+        realtime.tokens.pop(conn, None)
         for thread_id in conn.subscriptions:
             realtime.hub.forget(thread_id, conn)
         conn.subscriptions.clear()

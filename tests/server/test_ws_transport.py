@@ -17,6 +17,7 @@ from wsproto.events import Request as WSRequest
 from wsproto.extensions import PerMessageDeflate
 
 from server import metrics
+from server.auth import decode_access_token, issue_token
 from server.events import ThreadEvent
 from server.runtime import RunningServer, open_server
 from server.ws import Realtime
@@ -196,6 +197,7 @@ async def _thousand_cycles(server: RunningServer) -> None:
         for w in range(20):
             nursery.start_soon(worker, w)
     await until(lambda: not realtime(server).connections)
+    assert not realtime(server).tokens
     await until(lambda: all(not a.subscribers for a in hub.actors.values()))
     assert hub.spawned >= 5
     # Idle actors then stop on their own (idle timeout 0.2 s here).
@@ -264,3 +266,18 @@ async def test_client_that_never_pongs_is_closed_4003(
         assert pings >= 1
         await stream.aclose()
         await until(lambda: disconnects("heartbeat_timeout") - before == 1)
+
+
+async def test_close_token_ends_only_that_tokens_sockets(server: RunningServer) -> None:
+    services = server.services
+    owner = await new_owner(services)
+    other_token = await issue_token(services, owner.principal.user_id)
+    jti = decode_access_token(services.settings, owner.token)["jti"]
+    before = disconnects("token_revoked")
+    async with connect(server, owner.token) as revoked, connect(server, other_token) as kept:
+        assert (await revoked.request("ping"))["ok"] and (await kept.request("ping"))["ok"]
+        assert realtime(server).close_token(jti) == 1
+        assert await revoked.wait_closed() == (4001, "token_revoked")
+        assert (await kept.request("ping"))["ok"]
+    await until(lambda: disconnects("token_revoked") - before == 1)
+    await until(lambda: not realtime(server).tokens)
