@@ -24,13 +24,13 @@ async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: st
     """Lock the thread row until commit and read, in one round trip, what a reply starts from.
 
     Columns: ``seq`` (the next event seq), ``monthly_budget_usd``, ``asked`` (the content of the
-    message being answered, None if it is gone), ``summary`` and ``summary_end_seq`` (the
+    message being answered, None if it is gone or deleted), ``summary`` and ``summary_end_seq`` (the
     latest summary, None if there is none). None if the thread or project is gone.
     """
     return await tx.fetchrow(
         """SELECT t.last_seq + 1 AS seq, p.monthly_budget_usd,
                   (SELECT m.content FROM messages m
-                    WHERE m.id = $3 AND m.thread_id = t.id) AS asked,
+                    WHERE m.id = $3 AND m.thread_id = t.id AND m.deleted_at IS NULL) AS asked,
                   s.content AS summary, s.end_seq AS summary_end_seq
              FROM threads t
              JOIN projects p ON p.id = t.project_id AND p.id = $2

@@ -371,3 +371,23 @@ async def test_reservations_stop_concurrent_replies_overshooting_a_budget(
         "SELECT sum(cost_usd) FROM usage_records WHERE project_id = $1", first.project_id
     )
     assert 0 < spent <= estimate  # settled at the real cost, within the reservation
+
+
+async def test_a_message_deleted_before_its_reply_starts_gets_none(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    db = llm_server.services.db
+    seeded = await seed_thread(db, ["never mind"])
+    await db.fetchval(
+        "UPDATE messages SET content = '', version = 2, deleted_at = clock_timestamp()"
+        " WHERE id = $1",
+        seeded.message_ids[0],
+    )
+    tap = EventTap(llm_server)
+    assistant = llm_server.services.assistant
+    assert isinstance(assistant, AssistantService)
+    assistant.start_reply(request_for(seeded))
+    with trio.fail_after(10):
+        while assistant.in_flight() or assistant._queues:  # bounded: the worker ends at once
+            await trio.sleep(0.005)
+    assert tap.of(seeded.thread_id) == [] and fake_llm.stats.requests == 0
