@@ -106,21 +106,25 @@ class WSOps:
     # -- admission (in the reader task; never blocks) -------------------------------------------
 
     def admit(self, conn: Connection, raw: str | bytes) -> Request | None:
-        """Decode and rate-limit one frame; answer and return None when it goes no further."""
-        ref: str | None = None
+        """Decode and rate-limit one frame; answer and return None when it goes no further.
+
+        Every frame is charged, invalid ones included, so garbage cannot dodge the limiter.
+        """
+        body: object = None
         try:
             body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+        raw_ref = body.get("ref") if isinstance(body, dict) else None
+        ref = raw_ref if isinstance(raw_ref, str) and 0 < len(raw_ref) <= 200 else None
+        try:
+            self._charge(conn)
             if not isinstance(body, dict):
                 raise BadRequest("A frame must be a JSON object.")
-            raw_ref = body.get("ref")
-            ref = raw_ref if isinstance(raw_ref, str) and 0 < len(raw_ref) <= 200 else None
-            self._charge(conn)
             op = body.get("op")
             if not isinstance(op, str) or op not in OPS:
                 raise BadRequest("Unknown op.", details={"op": op if isinstance(op, str) else None})
             return Request(op=op, ref=ref, body=body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            self._refuse(conn, ref, BadRequest("The frame is not valid JSON."))
         except ThreadlineError as exc:
             self._refuse(conn, ref, exc)
         return None

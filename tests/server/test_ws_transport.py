@@ -281,3 +281,17 @@ async def test_close_token_ends_only_that_tokens_sockets(server: RunningServer) 
         assert (await kept.request("ping"))["ok"]
     await until(lambda: disconnects("token_revoked") - before == 1)
     await until(lambda: not realtime(server).tokens)
+
+
+async def test_invalid_frames_are_rate_limited_too(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    async with server_with(
+        tmp_path, pg_dsn, rate_limit_per_s=1, rate_limit_burst=5, ws_abuse_strikes=10
+    ) as server:
+        owner = await new_owner(server.services)
+        async with connect(server, owner.token) as client:
+            for _ in range(30):
+                with contextlib.suppress(ConnectionClosed):
+                    await client.ws.send_message("{garbage")
+            assert (await client.wait_closed())[0] == 4029
