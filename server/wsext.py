@@ -22,6 +22,9 @@ What: ``install()`` wraps two methods, once per process:
 (1009 when hypercorn closed the stream itself for an oversized message). It also declines
 permessage-deflate (a fan-out server would otherwise compress every frame once per client).
 
+Over HTTP/2 (RFC 8441 WebSockets) ``abort`` drops the whole TCP connection, every stream on it;
+browsers open WebSockets over HTTP/1.1, and hypercorn serves those one per connection.
+
 A different hypercorn version refuses to install (``RuntimeError`` at import of ``server.ws``)
 rather than misbehave silently; re-verify the two methods and bump ``SUPPORTED``.
 """
