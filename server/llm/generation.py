@@ -242,7 +242,13 @@ class AssistantService:
                 reply = _Reply(queue[0])
                 self._active[thread_id] = reply
                 try:
-                    with reply.scope:
+                    # Every log line of the reply (the client's retries included) names it.
+                    with (
+                        structlog.contextvars.bound_contextvars(
+                            thread_id=thread_id, reply_to=reply.request.user_message_id
+                        ),
+                        reply.scope,
+                    ):
                         await self._generate(reply)
                 except Exception:
                     # e.g. the database failed the start or the final write: the message (if
@@ -250,6 +256,7 @@ class AssistantService:
                     # next request still runs.
                     log.exception("assistant.reply_error", thread_id=thread_id)
                 finally:
+                    structlog.contextvars.unbind_contextvars("message_id")
                     reply.done.set()
                     del self._active[thread_id]
                     queue.popleft()
@@ -271,6 +278,7 @@ class AssistantService:
             return
         message_id = started.message["id"]
         reply.message_id = message_id
+        structlog.contextvars.bind_contextvars(message_id=message_id)
         bound = bound.bind(message_id=message_id)
         self._publish(request.thread_id, "assistant.started", None, {"message_id": message_id})
 
