@@ -5,7 +5,8 @@ Every call to a provider goes through ``LLMClient.stream_chat``:
 * the whole call, retries and back-off included, runs under one ``llm_total_timeout_s`` scope;
 * connection errors, timeouts, 429 (honouring ``Retry-After``) and 5xx are retried up to
   ``llm_max_retries`` times with exponential back-off and full jitter, but never once a piece of
-  text has been handed on: a retry then would repeat text a user has already seen;
+  text has been handed on (a retry then would repeat text a user has already seen), and never
+  when the wait would run past the total deadline (the call fails at once instead);
 * a circuit breaker refuses calls (no request leaves the process) after repeated failures.
 """
 
@@ -125,7 +126,14 @@ class LLMClient:
                         self.breaker.record_failure()
                     else:
                         self.breaker.record_success()  # it answered; the request was bad
-                    give_up = streamed or not exc.retryable or attempt >= self.retry.max_retries
+                    delay = self.retry.delay(attempt, exc.retry_after)
+                    give_up = (
+                        streamed
+                        or not exc.retryable
+                        or attempt >= self.retry.max_retries
+                        # a wait past the deadline (a long Retry-After) cannot end in an answer
+                        or trio.current_time() + delay >= total.deadline
+                    )
                     log.warning(
                         "llm.attempt_failed",
                         reason=exc.reason,
@@ -139,7 +147,7 @@ class LLMClient:
                         metrics.LLM_REQUESTS.labels(outcome=outcome).inc()
                         raise LLMError(exc.reason, str(exc), streamed=streamed) from exc
                     metrics.LLM_REQUESTS.labels(outcome="retry").inc()
-                    await trio.sleep(self.retry.delay(attempt, exc.retry_after))
+                    await trio.sleep(delay)
                     attempt += 1
                 except trio.Cancelled:
                     if not total.cancel_called:

@@ -169,3 +169,16 @@ async def test_an_error_event_mid_stream_fails_the_call(tmp_path: Path, fake_llm
     assert caught.value.reason == "provider_error" and caught.value.streamed
     assert got == ["the", " quick"] and fake_llm.stats.requests == 1
     await client.aclose()
+
+
+async def test_a_retry_after_beyond_the_deadline_fails_at_once(
+    tmp_path: Path, fake_llm: FakeLLM
+) -> None:
+    client = _client(tmp_path, fake_llm, llm_total_timeout_s=5.0)
+    fake_llm.configure(fail_next=1, status=429, retry_after=3600)
+    start = trio.current_time()
+    with pytest.raises(LLMError) as caught:
+        await client.stream_chat(PROMPT)
+    assert caught.value.reason == "provider_error" and fake_llm.stats.requests == 1
+    assert trio.current_time() - start < 2.0
+    await client.aclose()
