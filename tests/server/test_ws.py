@@ -225,3 +225,17 @@ async def test_unsubscribe_stops_the_events(server: RunningServer) -> None:
         assert [e["seq"] for e in client.events] == [1]
         hub = server.services.extras["realtime"].hub
         assert len(hub.actors[thread_id].subscribers) == 1
+
+
+async def test_readyz_reports_the_actor_system(server: RunningServer) -> None:
+    services = server.services
+    owner = await new_owner(services)
+    thread_id = await new_thread(services, owner)
+    async with connect(server, owner.token) as client:
+        assert (await client.request("subscribe", thread_id=thread_id))["ok"]
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            actors = (await http.get("/readyz")).json()["checks"]["actors"]
+    assert actors["ok"] is True
+    assert actors["supervised"]["hub"] == {"running": True, "restarts": 0}
+    assert actors["hub"]["thread_actors"] == 1 and actors["hub"]["subscribers"] == 1
+    assert actors["connections"] == {"open": 1}
