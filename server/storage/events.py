@@ -6,7 +6,10 @@ Seqs are gap-free per thread (see the schema's trigger), so a range read returns
 
 from __future__ import annotations
 
+import time
 import uuid
+
+import trio
 
 from server.db import Database
 from server.events import ThreadEvent
@@ -26,15 +29,24 @@ class EventLog:
     async def read(self, thread_id: str, after_seq: int, upto_seq: int) -> list[ThreadEvent]:
         """Events with ``after_seq < seq <= upto_seq``, in seq order."""
         rows = await self._db.fetch(
-            """SELECT seq, type, payload FROM thread_events
+            """SELECT seq, type, payload, created_at FROM thread_events
                 WHERE thread_id = $1 AND seq > $2 AND seq <= $3
                 ORDER BY seq""",
             thread_id,
             after_seq,
             upto_seq,
         )
+        # committed_at is on trio's clock: place each event as long ago as the database says,
+        # so delivery latency of re-read events is not understated.
+        now, wall = trio.current_time(), time.time()
         return [
-            ThreadEvent(thread_id=thread_id, type=row["type"], seq=row["seq"], data=row["payload"])
+            ThreadEvent(
+                thread_id=thread_id,
+                type=row["type"],
+                seq=row["seq"],
+                data=row["payload"],
+                committed_at=now - max(0.0, wall - row["created_at"].timestamp()),
+            )
             for row in rows
         ]
 
