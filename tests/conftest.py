@@ -79,7 +79,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "argon2_time_cost": 1,
         "argon2_memory_kib": 8,
         "argon2_parallelism": 1,
-        # Many quick requests from 127.0.0.1 must not trip the limiter; rate-limit tests lower these.
+        # Quick requests from 127.0.0.1 must not trip the limiter; rate-limit tests lower these.
         "rate_limit_per_s": 1000.0,
         "rate_limit_burst": 5000,
         "ip_rate_limit_per_s": 1000.0,

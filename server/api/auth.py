@@ -121,6 +121,9 @@ async def logout() -> Response:
     principal = await current_principal()
     services = current_services()
     await auth.revoke(services, principal)
+    realtime = services.extras.get("realtime")
+    if realtime is not None:  # sockets opened with this token close too (4001 token_revoked)
+        realtime.close_token(principal.jti)
     response = Response("", status=204)
     secure = _cookies_secure(services)
     for name, http_only in ((auth.SESSION_COOKIE, True), (auth.CSRF_COOKIE, False)):

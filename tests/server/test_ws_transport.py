@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 from wsproto import ConnectionType, WSConnection
@@ -281,6 +282,20 @@ async def test_close_token_ends_only_that_tokens_sockets(server: RunningServer) 
         assert (await kept.request("ping"))["ok"]
     await until(lambda: disconnects("token_revoked") - before == 1)
     await until(lambda: not realtime(server).tokens)
+
+
+async def test_logout_closes_the_sockets_opened_with_that_token(server: RunningServer) -> None:
+    owner = await new_owner(server.services)
+    async with (
+        connect(server, owner.token) as client,
+        httpx.AsyncClient(base_url=server.url) as http,
+    ):
+        assert (await client.request("ping"))["ok"]
+        response = await http.post(
+            "/api/v1/auth/logout", headers={"Authorization": f"Bearer {owner.token}"}
+        )
+        assert response.status_code == 204
+        assert await client.wait_closed() == (4001, "token_revoked")
 
 
 async def test_invalid_frames_are_rate_limited_too(
