@@ -43,5 +43,10 @@ test: lint typecheck pytest
 loadtest: setup
 	$(BIN)/python loadtests/run_locust.py
 
+# Benchmarks print figures measured side by side in one run (see docs/architecture.md, docs/assistant.md).
+bench: setup
+	$(BIN)/python loadtests/bench_fanout.py --subscribers 100
+	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
