@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -27,13 +27,11 @@ from server.ws import realtime_plugin
 
 log = structlog.get_logger(__name__)
 
-ShutdownHook = Callable[[], Awaitable[None]]
 # Subsystems (actors, LLM, ...) plug themselves in here; each is an async context manager factory
 # that receives the Services, may fill ``services.extras`` and yields while the server runs.
 Plugin = Callable[[Services], contextlib.AbstractAsyncContextManager[None]]
-# The actor system comes first: later plugins (LLM, ...) may use services.actors.
-PLUGINS: list[Plugin] = [realtime_plugin]
-PLUGINS.append(assistant_plugin)  # assistant replies + summariser (server/llm/plugin.py)
+# The actor system comes first: the assistant (replies + summariser) runs under its thread actors.
+PLUGINS: list[Plugin] = [realtime_plugin, assistant_plugin]
 
 
 def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:
@@ -61,7 +59,6 @@ class RunningServer:
     url: str
     services: Services
     _shutdown: trio.Event = field(default_factory=trio.Event)
-    hooks: list[ShutdownHook] = field(default_factory=list)
 
     def shutdown(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
