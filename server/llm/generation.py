@@ -23,8 +23,11 @@ Cancellation: ``cancel(thread_id)`` ends a reply as ``cancelled``; any other can
 write runs shielded, with ``_FINAL_WRITE_TIMEOUT_S``, so the partial text is kept.
 
 One reply per thread at a time: a request arriving while the thread's reply is being generated
-waits in that thread's queue (at most ``_QUEUE_LIMIT``; beyond that it is dropped and logged) and
-starts when the current reply ends; ``cancel`` stops only the running reply.
+waits in that thread's queue and starts when the current reply ends; ``cancel`` stops only the
+running reply. A request that cannot be answered is never dropped silently: beyond
+``_QUEUE_LIMIT`` queued requests (reason ``overloaded``), or while the server shuts down (reason
+``unavailable``), it gets a ``failed`` assistant message and an ``assistant.failed`` event, with no
+provider call.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ _FAILURE_TEXT = {
     "timeout": "The language model did not answer in time.",
     "provider_error": "The language model failed to answer.",
     "interrupted": "The server stopped while the reply was being written.",
+    "overloaded": "Too many replies are waiting in this thread; send the message again later.",
+    "unavailable": "The server is shutting down; send the message again in a moment.",
     "internal": "Something went wrong on our side.",
 }
 
@@ -122,13 +127,13 @@ class AssistantService:
     def start_reply(self, request: ReplyRequest) -> None:
         """Queue a reply for the thread; start the thread's worker if none is running."""
         if self._closing:
-            log.warning("assistant.refused_draining", thread_id=request.thread_id)
+            self._refuse_soon(request, "unavailable")
             return
         thread_id = request.thread_id
         queue = self._queues.get(thread_id)
         if queue is not None:
             if len(queue) >= _QUEUE_LIMIT:
-                log.warning("assistant.queue_full", thread_id=thread_id)
+                self._refuse_soon(request, "overloaded")
                 return
             queue.append(request)
             if self._worker_lost(thread_id):
@@ -171,7 +176,7 @@ class AssistantService:
         self._closing = True
         for queue in self._queues.values():
             while len(queue) > 1:
-                queue.pop()
+                self._refuse_soon(queue.pop(), "unavailable")
         replies = list(self._active.values())
         for reply in replies:
             if reply.stop is None:
@@ -219,6 +224,22 @@ class AssistantService:
             except Exception:  # a janitor's failure must not stop the server; next round retries
                 log.exception("assistant.recovery_failed")
             await trio.sleep(self.settings.llm_total_timeout_s)
+
+    def _refuse_soon(self, request: ReplyRequest, reason: str) -> None:
+        """Record (in a task of our own: callers never block) that ``request`` gets no reply."""
+        log.warning("assistant.refused", thread_id=request.thread_id, reason=reason)
+
+        async def record() -> None:
+            with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
+                try:
+                    await self._start(request, refuse=reason)
+                except (LookupError, ThreadlineError) as exc:
+                    log.warning("assistant.refusal_not_recorded", error=type(exc).__name__)
+
+        try:
+            self._nursery.start_soon(record)
+        except RuntimeError:  # our nursery is already closed: only the log line remains
+            log.warning("assistant.refusal_not_recorded", error="closed")
 
     def _spawn(self, thread_id: str, fn: Callable[[], Awaitable[None]]) -> None:
         self._spawned_at[thread_id] = trio.current_time()
@@ -334,12 +355,15 @@ class AssistantService:
                 assert failure is not None or internal
                 await self._finish(request, started, "failed", text, None, reason)
 
-    async def _start(self, request: ReplyRequest) -> _Started | None:
-        """The start transaction (see module docstring). None when refused (already recorded)."""
+    async def _start(self, request: ReplyRequest, refuse: str | None = None) -> _Started | None:
+        """The start transaction (see module docstring). None when refused (already recorded).
+
+        ``refuse`` records a refusal decided before the start (queue full, shutting down).
+        """
         settings = self.settings
         model = self.llm.model
         pending: list[tuple[str, int, dict[str, Any]]] = []
-        refused: str | None = None
+        refused: str | None = refuse
         async with self.services.db.transaction() as tx:
             base = await store.lock_for_reply(
                 tx, request.thread_id, request.project_id, request.user_message_id
@@ -357,7 +381,7 @@ class AssistantService:
             try:
                 check_content(settings, base["asked"])
             except ContentFiltered:
-                refused = "content_filtered"
+                refused = refused or "content_filtered"
             estimate = pricing.reply_estimate_usd(settings, model, prompt.tokens)
             if refused is None and base["monthly_budget_usd"] is not None:
                 # Only budgeted projects serialise their reply starts on the project row

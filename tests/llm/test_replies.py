@@ -212,6 +212,29 @@ async def test_second_request_waits_for_the_running_reply(
     assert sent[-2]["content"] == first.data["content"]
 
 
+async def test_a_request_beyond_the_thread_queue_is_refused_not_dropped(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    fake_llm.configure(tokens=1000, delay_per_token_ms=10)
+    db = llm_server.services.db
+    tap = EventTap(llm_server)
+    seeded = await seed_thread(db, ["first"])
+    assistant = llm_server.services.assistant
+    assert isinstance(assistant, AssistantService)
+    t = seeded.thread_id
+    assistant.start_reply(request_for(seeded))
+    await tap.wait_for(lambda: bool(tap.of(t, "assistant.started")))
+    for n in range(8):  # the running reply is the queue's head: 7 more fit, the 8th does not
+        seeded.message_ids.append(await add_message(db, seeded, f"more {n}"))
+        assistant.start_reply(request_for(seeded))
+    await tap.wait_for(lambda: bool(_closing(tap, t)))
+    refused = _closing(tap, t)
+    assert [(e.type, e.data["reason"]) for e in refused] == [("assistant.failed", "overloaded")]
+    row = await _message(llm_server, refused[0].data["message_id"])
+    assert (row["status"], str(row["reply_to"])) == ("failed", seeded.message_ids[-1])
+    assert await assistant.cancel(t)
+
+
 async def test_shutdown_saves_an_in_flight_reply_as_interrupted(
     tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, db: Database
 ) -> None:
@@ -222,9 +245,14 @@ async def test_shutdown_saves_an_in_flight_reply_as_interrupted(
         assert running.services.assistant is not None
         running.services.assistant.start_reply(request_for(seeded))
         await tap.wait_for(lambda: len(tap.of(seeded.thread_id, "assistant.delta")) >= 2)
+        seeded.message_ids.append(await add_message(db, seeded, "and then?"))
+        running.services.assistant.start_reply(request_for(seeded))  # queued behind it
     closing = _closing(tap, seeded.thread_id)
-    assert [e.type for e in closing] == ["assistant.failed"]
-    assert closing[0].data["reason"] == "interrupted"
+    assert sorted((e.type, e.data["reason"]) for e in closing) == [
+        ("assistant.failed", "interrupted"),
+        ("assistant.failed", "unavailable"),  # the queued request is answered, not dropped
+    ]
+    closing = [e for e in closing if e.data["reason"] == "interrupted"]
     row = await db.fetchrow(
         "SELECT status, content FROM messages WHERE id = $1", closing[0].data["message_id"]
     )
