@@ -13,6 +13,10 @@ all writes (summary row + ``thread.summarized`` event) happen in one transaction
 under ``pg_try_advisory_xact_lock`` and ``UNIQUE(thread_id, start_message_id)``, so two
 summarisers (two processes) produce one summary and a cancellation at any point leaves nothing
 half-written.
+
+Summaries are charged like replies: their cost is stored with the summary and counts in the
+project's usage and monthly spend (``project_usage_ledger``). A project whose budget cannot
+cover a summary's worst case is not summarised (outcome ``skipped``, no provider call).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from server import metrics
 from server.config import Settings
 from server.db import Database, Record
 from server.events import ThreadEvent
-from server.llm import tokens
+from server.llm import pricing, tokens
 from server.llm.client import LLMClient, LLMError
 from server.llm.offline import SUMMARY_MARKER
 from server.llm.provider import ChatMessage
@@ -99,6 +103,7 @@ class Summariser:
             previous = await store.latest_summary(tx, thread_id)
             after = int(previous["end_seq"]) if previous is not None else 0
             rows = await store.unsummarised_turns(tx, thread_id, after)
+            budget_left = await store.project_budget_left(tx, thread_id)
         sizes = [tokens.count_text(r["content"]) + 4 for r in rows]
         if sum(sizes) < settings.summary_threshold_tokens:
             return self._outcome("skipped", thread_id, why="below_threshold")
@@ -106,6 +111,12 @@ class Summariser:
         if not window:
             return self._outcome("skipped", thread_id, why="nothing_fits")
         prompt = self._prompt(previous["content"] if previous is not None else None, window)
+        model = self._llm.model
+        worst_case = pricing.cost_usd(
+            settings, model, tokens.count_messages(prompt), _SUMMARY_MAX_TOKENS
+        )
+        if budget_left is not None and budget_left < worst_case:
+            return self._outcome("skipped", thread_id, why="budget_exceeded")
         try:
             completion = await self._llm.stream_chat(prompt, max_tokens=_SUMMARY_MAX_TOKENS)
         except LLMError as exc:
@@ -114,6 +125,8 @@ class Summariser:
         if not content:
             return self._outcome("failed", thread_id, why="empty_summary")
         usage = completion.usage
+        prompt_tokens = usage.prompt_tokens if usage else tokens.count_messages(prompt)
+        completion_tokens = usage.completion_tokens if usage else tokens.count_text(content)
         async with self._db.transaction() as tx:
             if not await store.try_lock_summary(tx, thread_id):
                 return self._outcome("skipped", thread_id, why="locked")
@@ -127,8 +140,12 @@ class Summariser:
                 end=window[-1],
                 content=content,
                 model=completion.model,
-                prompt_tokens=usage.prompt_tokens if usage else tokens.count_messages(prompt),
-                completion_tokens=usage.completion_tokens if usage else tokens.count_text(content),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cost_usd=pricing.cost_usd(
+                    settings, completion.model, prompt_tokens, completion_tokens
+                ),
+                estimated=usage is None,
             )
             if row is None:
                 return self._outcome("skipped", thread_id, why="exists")

@@ -252,12 +252,16 @@ async def insert_summary(
     model: str,
     prompt_tokens: int,
     completion_tokens: int,
+    cost_usd: Decimal,
+    estimated: bool,
 ) -> Record | None:
-    """Store a summary of messages ``start``..``end``; None if that window is already summarised."""
+    """Store a summary of messages ``start``..``end`` and what it cost (charged to the project
+    through ``project_usage_ledger``); None if that window is already summarised."""
     return await tx.fetchrow(
         """INSERT INTO summaries (thread_id, start_message_id, end_message_id, start_seq, end_seq,
-                                  content, model, prompt_tokens, completion_tokens)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                  content, model, prompt_tokens, completion_tokens, cost_usd,
+                                  estimated)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
            ON CONFLICT (thread_id, start_message_id) DO NOTHING
            RETURNING id, start_seq, end_seq, start_message_id, end_message_id, created_at""",
         thread_id,
@@ -269,7 +273,22 @@ async def insert_summary(
         model,
         prompt_tokens,
         completion_tokens,
+        cost_usd,
+        estimated,
     )
+
+
+async def project_budget_left(tx: Tx, thread_id: str) -> Decimal | None:
+    """USD the thread's project may still spend this month; None when it has no budget."""
+    row = await tx.fetchrow(
+        """SELECT p.id, p.monthly_budget_usd FROM threads t JOIN projects p ON p.id = t.project_id
+            WHERE t.id = $1""",
+        thread_id,
+    )
+    if row is None or row["monthly_budget_usd"] is None:
+        return None
+    spent = await project_spend_this_month(tx, str(row["id"]))
+    return Decimal(row["monthly_budget_usd"]) - spent
 
 
 # -- recovery ----------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Spend and token usage per project: what budgets are checked against and what usage reports.
 
+Both read ``project_usage_ledger`` (migration 0002): reply usage rows plus summary costs, so every
+call to the model counts, whichever part of the server made it.
+
 "This month" is the current calendar month in UTC. Spend counts recorded usage plus the money
 reserved for replies still in flight (``budget_reservations``), so concurrent sends cannot
 overshoot a budget by the cost of the replies being generated.
@@ -21,7 +24,7 @@ async def project_spend_this_month(tx: Tx, project_id: str) -> Decimal:
     """USD spent by ``project_id`` this month (UTC), reservations for replies in flight included."""
     value = await tx.fetchval(
         f"""
-        SELECT COALESCE((SELECT sum(cost_usd) FROM usage_records
+        SELECT COALESCE((SELECT sum(cost_usd) FROM project_usage_ledger
                           WHERE project_id = $1 AND created_at >= {_MONTH_START}), 0)
              + COALESCE((SELECT sum(amount_usd) FROM budget_reservations
                           WHERE project_id = $1), 0)
@@ -38,7 +41,7 @@ async def project_usage(tx: Tx, project_id: str) -> dict[str, Any]:
         SELECT COALESCE(sum(prompt_tokens), 0) AS prompt_tokens,
                COALESCE(sum(completion_tokens), 0) AS completion_tokens,
                COALESCE(sum(cost_usd), 0) AS cost_usd
-          FROM usage_records WHERE project_id = $1 AND created_at >= {_MONTH_START}
+          FROM project_usage_ledger WHERE project_id = $1 AND created_at >= {_MONTH_START}
         """,
         project_id,
     )
@@ -47,7 +50,7 @@ async def project_usage(tx: Tx, project_id: str) -> dict[str, Any]:
         SELECT COALESCE(sum(prompt_tokens), 0) AS prompt_tokens,
                COALESCE(sum(completion_tokens), 0) AS completion_tokens,
                COALESCE(sum(cost_usd), 0) AS cost_usd
-          FROM usage_records WHERE project_id = $1
+          FROM project_usage_ledger WHERE project_id = $1
         """,
         project_id,
     )
@@ -55,7 +58,7 @@ async def project_usage(tx: Tx, project_id: str) -> dict[str, Any]:
         """
         SELECT model, sum(prompt_tokens) AS prompt_tokens,
                sum(completion_tokens) AS completion_tokens, sum(cost_usd) AS cost_usd
-          FROM usage_records WHERE project_id = $1
+          FROM project_usage_ledger WHERE project_id = $1
          GROUP BY model ORDER BY model
         """,
         project_id,

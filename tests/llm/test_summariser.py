@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import trio
@@ -13,6 +14,7 @@ from server.llm.client import LLMClient
 from server.llm.fake_server import FakeLLM
 from server.llm.openai_provider import OpenAIProvider
 from server.runtime import open_server
+from server.storage.usage import project_spend_this_month, project_usage
 from tests.llm.conftest import EventTap, llm_settings, request_for, seed_thread
 
 LINE = "Alice asked about the migration plan for the billing database and the rollback steps."
@@ -117,3 +119,44 @@ async def test_completed_reply_wakes_the_summariser_and_the_summary_feeds_prompt
     contents = [m["content"] for m in sent[2:]]
     assert f"0: {LINE}" not in contents  # summarised away
     assert f"11: {LINE}" in contents or end_seq >= 12
+
+
+async def test_a_summary_is_charged_to_its_project(
+    tmp_path: Path, fake_llm: FakeLLM, db: Database
+) -> None:
+    settings = llm_settings(tmp_path, fake_llm, summary_threshold_tokens=100)
+    seeded = await seed_thread(db, [f"{i}: {LINE}" for i in range(12)])
+    client = LLMClient(OpenAIProvider(settings), settings)
+    summariser = Summariser(db, client, settings, lambda event: None)
+    fake_llm.configure(text="Alice plans the billing migration with rollback steps.")
+    assert await summariser.summarise(seeded.thread_id) == "ok"
+    await client.aclose()
+    row = await db.fetchrow(
+        "SELECT prompt_tokens, completion_tokens, cost_usd, estimated FROM summaries"
+        " WHERE thread_id = $1",
+        seeded.thread_id,
+    )
+    assert row is not None and row["cost_usd"] > 0 and row["estimated"] is False
+    async with db.transaction() as tx:
+        usage = await project_usage(tx, seeded.project_id)
+        spend = await project_spend_this_month(tx, seeded.project_id)
+    assert usage["month"]["prompt_tokens"] == row["prompt_tokens"]
+    assert usage["month"]["completion_tokens"] == row["completion_tokens"]
+    assert spend == row["cost_usd"]
+
+
+async def test_no_summary_when_the_budget_cannot_cover_it(
+    tmp_path: Path, fake_llm: FakeLLM, db: Database
+) -> None:
+    settings = llm_settings(tmp_path, fake_llm, summary_threshold_tokens=100)
+    seeded = await seed_thread(db, [f"{i}: {LINE}" for i in range(12)], budget=Decimal("0"))
+    client = LLMClient(OpenAIProvider(settings), settings)
+    summariser = Summariser(db, client, settings, lambda event: None)
+    requests = fake_llm.stats.requests
+    assert await summariser.summarise(seeded.thread_id) == "skipped"
+    await client.aclose()
+    assert fake_llm.stats.requests == requests, "the provider was called over budget"
+    assert (
+        await db.fetchval("SELECT count(*) FROM summaries WHERE thread_id = $1", seeded.thread_id)
+        == 0
+    )
