@@ -104,8 +104,6 @@ async def test_rest_message_reaches_ws_subscribers(server: RunningServer) -> Non
                 json={"content": "via rest", "client_msg_id": "r1", "reply": False},
                 headers={"Authorization": f"Bearer {owner.token}"},
             )
-        if response.status_code == 404:
-            pytest.skip("REST messages route not available yet")
         assert response.status_code == 201, response.text
         events = await client.wait_events(1)
         assert events[0]["type"] == "message.created"
