@@ -154,7 +154,7 @@ async def principal_from_token(
 ) -> Principal:
     """The user behind ``token`` if it is valid, unrevoked and its user still exists."""
     claims = decode_access_token(services.settings, token)
-    async with services.db.transaction() as tx:
+    async with services.db.statements() as tx:  # every authenticated request: one round trip
         row = await token_store.get_session_user(tx, claims["sub"], claims["jti"])
     if row is None or row["revoked"]:
         log.info("auth.token_refused", reason="revoked" if row is not None else "no_user")

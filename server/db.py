@@ -212,17 +212,32 @@ class Database:
                 except _CONNECTION_ERRORS as exc:
                     raise Unavailable("The database connection was lost.") from exc
 
+    @contextlib.asynccontextmanager
+    async def statements(self) -> AsyncIterator[Tx]:
+        """A connection whose statements each commit on their own (no BEGIN/COMMIT).
+
+        For a single read on a hot path (authenticating a request, say): one round trip instead
+        of three. Anything that writes more than one statement belongs in ``transaction()``.
+        """
+        async with self.connection() as conn:
+            try:
+                yield Tx(conn)
+            except _CONNECTION_ERRORS as exc:
+                raise Unavailable("The database connection was lost.") from exc
+
     async def fetch(self, sql: str, *args: Any) -> list[Record]:
-        """One read outside an explicit unit of work."""
-        async with self.transaction() as tx:
+        """One statement, committed on its own."""
+        async with self.statements() as tx:
             return await tx.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> Record | None:
-        async with self.transaction() as tx:
+        """One statement, committed on its own."""
+        async with self.statements() as tx:
             return await tx.fetchrow(sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        async with self.transaction() as tx:
+        """One statement, committed on its own."""
+        async with self.statements() as tx:
             return await tx.fetchval(sql, *args)
 
     async def ping(self, timeout: float = 1.0) -> float:

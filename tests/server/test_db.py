@@ -79,3 +79,11 @@ async def test_ping_and_stats(db: Database) -> None:
     stats = db.stats()
     assert stats.max == 4
     assert stats.in_use == stats.size - stats.idle
+
+
+async def test_statements_commit_one_by_one_and_transactions_do_not(db: Database) -> None:
+    xid = "SELECT txid_current()"  # a new id per transaction
+    async with db.statements() as tx:
+        assert await tx.fetchval(xid) != await tx.fetchval(xid)
+    async with db.transaction() as tx:
+        assert await tx.fetchval(xid) == await tx.fetchval(xid)
