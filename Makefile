@@ -45,7 +45,7 @@ loadtest: setup
 
 # Benchmarks print figures measured side by side in one run (see docs/architecture.md, docs/assistant.md).
 bench: setup
-	$(BIN)/python loadtests/bench_fanout.py --subscribers 100
+	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --idle 1000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
 
 clean:
