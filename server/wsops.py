@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from actors.connection import CLOSE_INTERNAL, CLOSE_RATE_LIMITED, Connection
 from actors.hub import Hub, Subscription
-from server import metrics
+from server import jsoninput, metrics
 from server.commands.bus import execute
 from server.commands.models import (
     Command,
@@ -60,7 +60,7 @@ OPS = frozenset({"subscribe", "unsubscribe", "cancel", "ping", *COMMANDS})
 class _Subscribe(BaseModel):
     model_config = ConfigDict(extra="ignore")
     thread_id: ThreadId
-    after_seq: int | None = Field(default=None, ge=0)
+    after_seq: int | None = Field(default=None, ge=0, le=2**63 - 1)  # a bigint in the database
 
 
 class _ThreadOp(BaseModel):
@@ -111,14 +111,17 @@ class WSOps:
         Every frame is charged, invalid ones included, so garbage cannot dodge the limiter.
         """
         body: object = None
+        refusal: ThreadlineError | None = None
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
+            body = jsoninput.loads(raw)
+        except BadRequest as exc:  # invalid, too deep, a number too long: answered, kept open
+            refusal = exc
         raw_ref = body.get("ref") if isinstance(body, dict) else None
         ref = raw_ref if isinstance(raw_ref, str) and 0 < len(raw_ref) <= 200 else None
         try:
             self._charge(conn)
+            if refusal is not None:
+                raise refusal
             if not isinstance(body, dict):
                 raise BadRequest("A frame must be a JSON object.")
             op = body.get("op")

@@ -6,13 +6,12 @@ for authentication: call it first in every protected handler.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 from quart import current_app, g, request
 
-from server import auth
+from server import auth, jsoninput
 from server.errors import BadRequest, ValidationFailed
 from server.principal import Principal
 from server.services import Services
@@ -57,10 +56,7 @@ async def parse_body(model: type[M]) -> M:
     (``details.fields``, with one ``details.errors`` entry per problem) if it does not fit.
     """
     raw = await request.get_data(as_text=False)
-    try:
-        data: Any = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("The request body is not valid JSON.") from None
+    data: Any = jsoninput.loads(raw) if raw else None
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
     try:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from quart import request
 
+from server import jsoninput
 from server.commands.queries import field_error
 from server.errors import BadRequest, ValidationFailed
 
@@ -22,10 +22,7 @@ async def json_object(*, optional: bool = False) -> dict[str, Any]:
         if optional:
             return {}
         raise BadRequest("A JSON object body is required.")
-    try:
-        data: Any = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("The request body is not valid JSON.") from None
+    data: Any = jsoninput.loads(raw)
     if not isinstance(data, dict):
         raise BadRequest("The request body must be a JSON object.")
     return data
