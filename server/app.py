@@ -25,6 +25,9 @@ from server.services import Services
 
 log = structlog.get_logger(__name__)
 
+# How long an answered request's unread body may take to arrive (see ``_settle_body``).
+BODY_DRAIN_S = 5.0
+
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._\-]{8,128}$")
 
 _HTTP_CODES = {
@@ -45,6 +48,24 @@ _HTTP_CODES = {
 def current_request_id() -> str | None:
     """The id of the request being handled, if any."""
     return g.get("request_id")  # type: ignore[no-any-return]
+
+
+async def _settle_body(response: Response) -> None:
+    """Finish reading the request body before answering, or say the connection will close.
+
+    A refusal decided before the body was read (429 from the limiter, 401, 404, ...) would
+    otherwise go out while the body is still arriving; hypercorn then closes the keep-alive
+    connection without a ``Connection: close``, and the client's next request on it is lost.
+    A body that cannot be read within ``BODY_DRAIN_S`` or is over the size limit is not read:
+    the response says ``Connection: close`` instead, so the client opens a new connection.
+    """
+    try:
+        with trio.move_on_after(BODY_DRAIN_S):
+            await request.get_data(as_text=False)  # cached: free if the handler read it
+            return
+    except HTTPException:  # the body is over MAX_CONTENT_LENGTH: never read it
+        pass
+    response.headers["Connection"] = "close"
 
 
 def create_app(services: Services) -> QuartTrio:
@@ -85,6 +106,7 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.after_request
     async def _finish(response: Response) -> Response:
+        await _settle_body(response)
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-ID"] = request_id
         span = g.get("span")

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     thread_mailbox: int = Field(default=1024, ge=1)
     thread_idle_timeout_s: float = Field(default=60.0, gt=0)
     graceful_timeout_s: float = Field(default=10.0, gt=0)
+    # An HTTP connection with no request in flight (idle keep-alive, or request headers still
+    # incomplete: slowloris) is closed after this long.
+    http_keep_alive_timeout_s: float = Field(default=30.0, gt=0)
 
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -17,7 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from server import migrate
+from server import httpext, migrate
 from server.app import create_app
 from server.config import Settings
 from server.db import Database
@@ -27,6 +27,8 @@ from server.ws import realtime_plugin
 
 log = structlog.get_logger(__name__)
 
+httpext.install()
+
 # Subsystems (actors, LLM, ...) plug themselves in here; each is an async context manager factory
 # that receives the Services, may fill ``services.extras`` and yields while the server runs.
 Plugin = Callable[[Services], contextlib.AbstractAsyncContextManager[None]]
@@ -35,7 +37,10 @@ PLUGINS: list[Plugin] = [realtime_plugin, assistant_plugin]
 
 
 def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:
-    """Hypercorn's defaults are not ours: each value that matters is set here on purpose."""
+    """Hypercorn's defaults are not ours: each value that matters is set here on purpose.
+
+    docs/operations.md ("HTTP server settings") lists them with the reasons.
+    """
     config = HypercornConfig()
     config.bind = [bind]
     # The contract's frame limit (64 KiB default), not hypercorn's 16 MiB; oversize: close 1009.
@@ -44,8 +49,16 @@ def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:
     config.websocket_ping_interval = None
     # Our own shutdown closes clients with 1001 first; this is the hard stop after that.
     config.graceful_timeout = settings.graceful_timeout_s
-    config.keep_alive_timeout = 75
+    # No request in flight (idle keep-alive, or headers still arriving: slowloris) this long ->
+    # closed. A client that closes first is let go at once (server/httpext.py).
+    config.keep_alive_timeout = settings.http_keep_alive_timeout_s
+    # No per-read timeout: idle WebSockets are bounded by our heartbeat, idle HTTP connections
+    # by keep_alive_timeout, request bodies by Quart's BODY_TIMEOUT (60 s).
+    config.read_timeout = None
+    # Request line + headers at most 64 KiB (a bigger header block: 431 and closed).
     config.h11_max_incomplete_size = 64 * 1024
+    # Room for a reconnect storm (every client of a restarted node) in the accept queue.
+    config.backlog = 1024
     config.accesslog = None
     config.errorlog = None
     config.include_server_header = False

@@ -1,0 +1,75 @@
+"""Two small, explicit fixes to hypercorn's trio TCP server (checked against hypercorn 0.18).
+
+Hypercorn closes an HTTP connection with no request in flight after ``keep_alive_timeout``
+through an idle timer (``TCPServer._idle_timeout``) that runs in the connection's task group,
+started from connection open and restarted after each response. Two defects:
+
+1. **Sockets left in CLOSE_WAIT.** ``TCPServer.run`` closes the socket only when its task group
+   ends, and the group holds the idle timer. When the client closes a connection with no request
+   in flight -- it connected and sent nothing (probes, preconnects, scanners), or it closed an idle
+   keep-alive connection -- ``_read_data`` sees EOF and returns, but the timer keeps the group
+   open, so our socket sits in ``CLOSE_WAIT`` for up to ``keep_alive_timeout`` (75 s in our old
+   config): one descriptor per such connection, which any client can multiply at will.
+   Fix: when the read loop ends (EOF, a broken or closed stream, a read timeout), the idle timer is
+   stopped, since nothing is left for it to guard; the group ends and the socket closes at once.
+2. **Connection state changes lost to cancellation.** After a response, hypercorn first tells
+   the app the stream is over (``http.disconnect``), on which quart-trio cancels the app's task,
+   and then, still in that task, either restarts the idle timer (``Updated(idle=True)``) or
+   closes the connection (``Closed``, e.g. after ``Connection: close``, or when the request body
+   was not read). Both are cancelled at their first checkpoint: an idle keep-alive connection is
+   then never closed (the timer never starts), and a connection that had to close stays open
+   half-dead -- its next request is never answered (the "no answer after a 429" defect).
+   Fix: ``protocol_send`` handles ``Updated`` and ``Closed`` shielded from cancellation (they
+   take a lock, start a task, shut a socket: nothing that can block for long).
+
+``install()`` wraps ``TCPServer._read_data`` and ``TCPServer.protocol_send`` once per process.
+A different hypercorn version refuses to install (``RuntimeError`` at import of
+``server.runtime``) rather than misbehave silently; re-verify both and bump ``SUPPORTED``.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import version
+from typing import Any
+
+import trio
+from hypercorn.events import Closed, Event, Updated
+from hypercorn.trio import tcp_server
+
+SUPPORTED = ("0.18.",)
+
+_installed = False
+
+
+def install() -> None:
+    """Patch hypercorn once; refuse versions this code was not checked against."""
+    global _installed
+    if _installed:
+        return
+    installed = version("hypercorn")
+    if not installed.startswith(SUPPORTED):
+        raise RuntimeError(
+            f"server/httpext.py was checked against hypercorn {SUPPORTED}, found {installed}"
+        )
+    original_read_data = tcp_server.TCPServer._read_data
+    original_protocol_send = tcp_server.TCPServer.protocol_send
+
+    @functools.wraps(original_read_data)
+    async def _read_data(self: Any) -> None:
+        await original_read_data(self)
+        # The peer is gone (or the stream is): the keep-alive timer has nothing left to guard.
+        await self.idle_task.stop()
+
+    @functools.wraps(original_protocol_send)
+    async def protocol_send(self: Any, event: Event) -> None:
+        if isinstance(event, Updated | Closed):
+            # Often called from an app task that is being cancelled (see defect 2).
+            with trio.CancelScope(shield=True):
+                await original_protocol_send(self, event)
+        else:
+            await original_protocol_send(self, event)
+
+    tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    _installed = True
