@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tools run test lint typecheck pytest loadtest bench clean
+.PHONY: setup tools run test lint typecheck pytest loadtest bench soak clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ loadtest: setup
 bench: setup
 	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --idle 1000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
+
+# Long runs that are not part of `make test`; docs/reliability.md quotes their last figures.
+soak: setup
+	$(BIN)/python loadtests/ws_fuzz.py --rounds 30
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -47,6 +47,15 @@ CLOSE_TOKEN_EXPIRED = 4001  # not in the contract: the credential the socket ope
 _BATCH_FRAMES = 64
 _BATCH_CHARS = 256 * 1024
 
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007
+# Closes the WebSocket server sends by itself (the transport reports them), by reason label.
+_SERVER_CLOSES = {
+    CLOSE_PROTOCOL_ERROR: "protocol_error",
+    CLOSE_INVALID_DATA: "invalid_data",
+    CLOSE_TOO_BIG: "too_large",
+}
+
 _DROP_CLOSE = {
     "slow_consumer": (CLOSE_SLOW_CONSUMER, "slow_consumer"),
     "error": (CLOSE_INTERNAL, "error"),
@@ -223,12 +232,21 @@ class Connection:
         self.close_reason = reason
         self._close_requested.set()
 
+    def server_closed(self, code: int) -> None:
+        """The WebSocket server closed the socket itself (1002, 1007, 1009): end, sending nothing.
+
+        Called by the transport (never blocks). Other codes are ignored.
+        """
+        if code in _SERVER_CLOSES:
+            self.close(code, _SERVER_CLOSES[code])
+
     def _peer_gone(self) -> None:
         """Record why the peer went away, unless a close was already decided."""
         if self.close_code is not None:
             return
-        if self.transport.server_close_code() == CLOSE_TOO_BIG:
-            self.close_code, self.close_reason = CLOSE_TOO_BIG, "too_large"
+        server_code = self.transport.server_close_code()
+        if server_code in _SERVER_CLOSES:
+            self.close_code, self.close_reason = server_code, _SERVER_CLOSES[server_code]
         else:
             self.close_code, self.close_reason = CLOSE_NORMAL, "client"
 
@@ -244,7 +262,7 @@ class Connection:
                 nursery.start_soon(self._work, work, nursery)
                 await self._close_requested.wait()
                 work.cancel()
-                if self.close_reason not in ("client", "too_large"):
+                if self.close_reason not in ("client", *_SERVER_CLOSES.values()):
                     await self._send_close(nursery)
                 nursery.cancel_scope.cancel()
         finally:

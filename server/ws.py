@@ -156,6 +156,8 @@ async def ws_endpoint() -> Response | None:
         close_timeout_s=CLOSE_TIMEOUT_S,
         expires_in_s=principal.expires_at - time.time(),
     )
+    if control is not None:
+        control.on_server_close = conn.server_closed
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     realtime.connections.add(conn)
     realtime.tokens[conn] = principal.jti

@@ -6,20 +6,26 @@ Why: hypercorn (0.18) gives the ASGI app no way to
 ``send_all`` in a *shielded* cancel scope, so ``await websocket.send(...)`` -- and a close frame --
 to a stalled client blocks forever and cannot be cancelled.
 
-What: ``install()`` wraps two methods, once per process:
+What: ``install()`` wraps four methods, once per process:
 
 * ``TCPServer.run`` sets a context variable holding the ``TCPServer``; the ASGI app task is
   spawned from that task, so it inherits the variable.
 * ``WSStream._accept`` (the ASGI ``websocket.accept``, which runs in the app task) puts a
   ``WSControl`` into ``scope["extensions"]["threadline"]`` -- the very dict the app's
-  ``websocket.scope`` refers to -- after wrapping the wsproto connection's ``events`` so every
-  Pong is reported to ``WSControl.on_pong``.
+  ``websocket.scope`` refers to.
+* ``WSStream._handle_events`` (the reader, once per batch of received data) wraps the wsproto
+  connection's ``events`` the first time, so every Pong is reported to ``WSControl.on_pong``
+  (not in ``_accept``: the reader may handle the first frames while the 101 is being sent).
+* ``WSStream._send_wsproto_event`` records the first close code the server sends.
 
 ``WSControl`` offers ``send_texts(texts)`` (several frames in one write, the writer's batch),
 ``ping(payload)`` (a real Ping frame through hypercorn's own send path),
 ``abort()`` (closes the TCP socket: every blocked ``send_all`` wakes with
 ``ClosedResourceError``, which hypercorn turns into a disconnect) and ``server_close_code``
-(1009 when hypercorn closed the stream itself for an oversized message). It also declines
+(1009 when hypercorn closed the stream itself for an oversized message, 1002/1007 for a protocol
+violation). A protocol violation wsproto detects (reserved bits, bad opcodes, unmasked frames,
+invalid UTF-8, invalid close codes...) is answered with a close frame carrying its code (1002 or
+1007) before the TCP close; hypercorn alone would drop the stream without one. It also declines
 permessage-deflate (a fan-out server would otherwise compress every frame once per client).
 
 Over HTTP/2 (RFC 8441 WebSockets) ``abort`` drops the whole TCP connection, every stream on it;
@@ -41,11 +47,14 @@ import trio
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Data
 from hypercorn.trio import tcp_server
+from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event, Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 SUPPORTED = ("0.18.",)
 EXTENSION_KEY = "threadline"
+# Closes hypercorn/wsproto send on their own: protocol error, invalid data, message too big.
+SERVER_CLOSE_CODES = frozenset({1002, 1007, 1009})
 
 _tcp_server: contextvars.ContextVar[Any] = contextvars.ContextVar("threadline_tcp_server")
 _installed = False
@@ -58,6 +67,10 @@ class WSControl:
         self._stream = stream
         self._tcp = tcp
         self.on_pong: Callable[[bytes], None] = lambda payload: None
+        # Called when hypercorn itself closes the WebSocket (1009 oversize, 1002/1007 protocol
+        # violation), so the app can end at once instead of waiting for a close reply that the
+        # rest of an oversized frame may swallow.
+        self.on_server_close: Callable[[int], None] = lambda code: None
         self.pongs = 0
         self.server_close_code: int | None = None
 
@@ -94,6 +107,26 @@ class WSControl:
             pass
 
 
+def _observe(connection: Any, control: WSControl) -> None:
+    """Wrap a wsproto connection's ``events`` (pongs reported; protocol violations answered)."""
+    events = connection.events
+    open_state = ConnectionState.OPEN
+
+    def observed_events() -> Generator[Event, None, None]:
+        for event in events():
+            if isinstance(event, Pong):
+                control._pong(bytes(event.payload))
+            elif isinstance(event, CloseConnection) and connection.state is open_state:
+                # wsproto found a protocol violation (its ParseFailed: 1002, or 1007 for invalid
+                # UTF-8) and reports it as a close while still OPEN; hypercorn then drops the
+                # TCP stream without a word. Marked as a close received, hypercorn answers it
+                # like one: a close frame with that code, then the TCP close.
+                connection._state = ConnectionState.REMOTE_CLOSING
+            yield event
+
+    connection.events = observed_events
+
+
 def install() -> None:
     """Patch hypercorn once; refuse versions this code was not checked against."""
     global _installed
@@ -108,6 +141,7 @@ def install() -> None:
     original_run = tcp_server.TCPServer.run
     original_accept = ws_stream.WSStream._accept
     original_send_event = ws_stream.WSStream._send_wsproto_event
+    original_handle_events = ws_stream.WSStream._handle_events
 
     @functools.wraps(original_run)
     async def run(self: Any) -> None:
@@ -123,25 +157,32 @@ def install() -> None:
         # contexts would cost CPU per frame per client and ~100s of KiB of memory each.
         self.handshake.extensions = None
         await original_accept(self, message)
-        events = self.connection.events
 
-        def observed_events() -> Generator[Event, None, None]:
-            for event in events():
-                if isinstance(event, Pong):
-                    control._pong(bytes(event.payload))
-                yield event
-
-        self.connection.events = observed_events
+    @functools.wraps(original_handle_events)
+    async def _handle_events(self: Any) -> None:
+        # Wrapped here, not in _accept: the reader can process the client's first frames while
+        # _accept is still sending the 101, before anything _accept does afterwards.
+        control = getattr(self, "_threadline", None)
+        if control is not None and not getattr(self, "_threadline_observed", False):
+            self._threadline_observed = True
+            _observe(self.connection, control)
+        await original_handle_events(self)
 
     @functools.wraps(original_send_event)
     async def _send_wsproto_event(self: Any, event: Event) -> None:
         control = getattr(self, "_threadline", None)
+        notify: int | None = None
         if isinstance(event, CloseConnection) and control is not None:
             if control.server_close_code is None:
                 control.server_close_code = int(event.code)
+                if control.server_close_code in SERVER_CLOSE_CODES:
+                    notify = control.server_close_code
         await original_send_event(self, event)
+        if notify is not None and control is not None:
+            control.on_server_close(notify)
 
     tcp_server.TCPServer.run = run  # type: ignore[method-assign]
     ws_stream.WSStream._accept = _accept  # type: ignore[method-assign]
     ws_stream.WSStream._send_wsproto_event = _send_wsproto_event  # type: ignore[method-assign]
+    ws_stream.WSStream._handle_events = _handle_events  # type: ignore[method-assign]
     _installed = True
