@@ -175,10 +175,19 @@ class Settings(BaseSettings):
             return self.jwt_secret.get_secret_value()
         path = self.data_dir / "jwt_secret"
         if not path.exists():
+            # Several nodes may start at once on one data dir: write a private file whole, then
+            # link it into place: the link fails for all but one; no reader sees half a key.
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            draft = self.data_dir / f".jwt_secret.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(48))
+            try:
+                os.link(draft, path)
+            except FileExistsError:
+                pass  # another node's key won; use it
+            finally:
+                draft.unlink()
         return path.read_text().strip()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,5 +40,30 @@ def embedded_postgres(data_dir: Path) -> Iterator[str]:
         log.info("db.embedded.ready", pgdata=str(pgdata))
         yield uri
     finally:
+        _forget_dead_users(server)
         server.cleanup()
         log.info("db.embedded.released", pgdata=str(pgdata))
+
+
+def _forget_dead_users(server: object) -> None:
+    """Drop processes that died without letting go (SIGKILL) from pgserver's list of users.
+
+    pgserver stops the server when the last process on its list lets go; a node killed with
+    SIGKILL stays on that list forever, so without this the last survivor of a cluster on one
+    data dir would leave PostgreSQL running after it exits.
+    """
+    users = server.global_process_id_list  # type: ignore[attr-defined]
+    with server._lock:  # type: ignore[attr-defined]  # pgserver's own inter-process lock
+        for pid in users.get():
+            if pid != os.getpid() and not _alive(pid):
+                users.get_and_remove(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
