@@ -7,6 +7,12 @@ API
 ``hub.publish(event)``
     Synchronous, never blocks. Hands a committed durable event (or an ephemeral one) to the
     thread's actor if one is live; with no live actor nobody is listening and the log suffices.
+    An ephemeral event is also offered to the other nodes through the broker (durable ones are
+    published to them by the transaction that commits them).
+
+``hub.deliver(event)``, ``hub.notice(thread_id, seq)``, ``hub.resync()``, ``hub.known_seq(id)``
+    The ``actors.broker.BrokerSink`` intake: events of the other nodes (and this node's own
+    durable ones, a second time, straight from the commit; the actor delivers each seq once).
 
 ``hub.run_in_thread(thread_id, name, fn)``
     Synchronous, never blocks. Runs ``await fn()`` as a child task of that thread's actor,
@@ -43,6 +49,7 @@ from typing import Any
 import structlog
 import trio
 
+from actors.broker import Broker
 from actors.thread import (
     CancelChild,
     EventLog,
@@ -94,8 +101,10 @@ class Hub:
         mailbox_size: int,
         idle_timeout_s: float,
         backlog_limit: int,
+        broker: Broker | None = None,
     ) -> None:
         self._log = log_reader
+        self._broker = broker
         self._mailbox_size = mailbox_size
         self._idle_timeout_s = idle_timeout_s
         self._backlog_limit = backlog_limit
@@ -105,13 +114,16 @@ class Hub:
         self.spawned = 0
 
     @classmethod
-    def from_settings(cls, log_reader: EventLog, settings: Settings) -> Hub:
+    def from_settings(
+        cls, log_reader: EventLog, settings: Settings, broker: Broker | None = None
+    ) -> Hub:
         """A hub sized by ``thread_mailbox``, ``thread_idle_timeout_s``, ``ws_outbound_queue``."""
         return cls(
             log_reader,
             mailbox_size=settings.thread_mailbox,
             idle_timeout_s=settings.thread_idle_timeout_s,
             backlog_limit=settings.ws_outbound_queue,
+            broker=broker,
         )
 
     async def run(self) -> None:
@@ -202,6 +214,33 @@ class Hub:
         actor = self.actors.get(event.thread_id)
         if actor is not None:
             actor.publish(event)
+        if event.seq is None and self._broker is not None:
+            self._broker.publish(event)
+
+    # -- the broker's intake (actors.broker.BrokerSink) ---------------------------------------
+
+    def known_seq(self, thread_id: str) -> int | None:
+        """The last seq the thread's live actor delivered; None if it has none."""
+        actor = self.actors.get(thread_id)
+        return None if actor is None or actor.stopped else actor.last_seq
+
+    def deliver(self, event: ThreadEvent) -> None:
+        """An event from the broker: to the thread's live actor, if any. Never blocks."""
+        actor = self.actors.get(event.thread_id)
+        if actor is not None:
+            actor.publish(event)
+
+    def notice(self, thread_id: str, seq: int) -> None:
+        """A durable event to read from the log, if the thread has a live actor here."""
+        actor = self.actors.get(thread_id)
+        if actor is not None:
+            actor.notice(seq)
+
+    def resync(self) -> None:
+        """Every live actor re-reads the log from its last seq (the broker missed events)."""
+        for actor in list(self.actors.values()):
+            actor.resync()
+        log.info("hub.resync", thread_actors=len(self.actors))
 
     def run_in_thread(self, thread_id: str, name: str, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` as a child of the thread's actor (see module docstring). Never blocks."""

@@ -11,6 +11,12 @@ once, in order). Dropped ephemeral events (deltas) are lost by design: the durab
 ``assistant.completed`` carries the final text. Control messages (subscribe, run a child, cancel)
 are never dropped: async callers wait for room, ``run_in_thread`` raises ``Unavailable``.
 
+Intake: events reach the actor from this node (``publish``, after commit) and from the other
+nodes through the broker (``publish`` again, and ``notice`` for a durable event that did not fit
+the broker: it is read from the log); a durable seq already delivered is ignored, so the same
+event arriving both ways is delivered once. ``resync`` (the broker lost its connection) makes the
+actor re-read the log from its last seq before delivering anything newer.
+
 Fan-out never awaits a subscriber: each frame is serialised once and offered to every
 subscriber with ``send_nowait`` semantics (``Subscriber.offer``); a subscriber whose queue is
 full is dropped on the spot and told so (its connection closes 4002 ``slow_consumer``).
@@ -100,6 +106,16 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    seq: int  # committed; read it (and anything before it not yet delivered) from the log
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Wake the actor: it is ``lagging`` and re-reads the log."""
+
+
+@dataclass(frozen=True, slots=True)
 class Subscribe:
     subscriber: Subscriber
     reply: Reply[int]  # the last seq the subscriber's replay must cover
@@ -137,7 +153,17 @@ class ChildDone:
     scope: trio.CancelScope
 
 
-Message = Publish | Subscribe | GoLive | Unsubscribe | RunChild | CancelChild | ChildDone
+Message = (
+    Publish
+    | Notice
+    | Resync
+    | Subscribe
+    | GoLive
+    | Unsubscribe
+    | RunChild
+    | CancelChild
+    | ChildDone
+)
 
 
 @dataclass(slots=True)
@@ -176,6 +202,7 @@ class ThreadActor:
         self.subscribers: dict[Subscriber, _SubState] = {}
         self.children: dict[str, list[trio.CancelScope]] = {}
         self.inflight: dict[str, list[str]] = {}  # message_id -> text parts so far
+        self._local_replies: set[str] = set()  # inflight message ids generated on this node
         self.last_seq = 0
         self.lagging = False
         self.stopped = False
@@ -192,6 +219,27 @@ class ThreadActor:
             log.warning("thread.mailbox_full", thread_id=self.thread_id, type=event.type)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # stopped meanwhile; the event is in the log for the next actor
+
+    def notice(self, seq: int) -> None:
+        """Durable event ``seq`` was committed elsewhere and must be read from the log."""
+        if seq <= self.last_seq:
+            return
+        try:
+            self.mailbox.send_nowait(Notice(seq))
+        except trio.WouldBlock:
+            self.lagging = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def resync(self) -> None:
+        """Re-read the log from the last seq delivered (events may have been missed)."""
+        self.lagging = True
+        try:
+            self.mailbox.send_nowait(Resync())
+        except trio.WouldBlock:
+            pass  # a full mailbox wakes the actor anyway, and it catches up after that message
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     # -- the actor ---------------------------------------------------------------------------
 
@@ -272,6 +320,11 @@ class ThreadActor:
     async def _handle(self, message: Message, children: trio.Nursery) -> None:
         if isinstance(message, Publish):
             await self._on_publish(message.event)
+        elif isinstance(message, Notice):
+            if message.seq > self.last_seq:
+                await self._catch_up(upto=message.seq)
+        elif isinstance(message, Resync):
+            pass  # ``lagging`` is set: the loop catches up after this message
         elif isinstance(message, Subscribe):
             self.subscribers[message.subscriber] = _SubState()
             message.reply.set(self.last_seq)
@@ -297,7 +350,11 @@ class ThreadActor:
             if not scopes:
                 self.children.pop(message.name, None)
             if not self.children:
-                self.inflight.clear()  # no reply can be streaming without a child running it
+                # No reply of this node can be streaming without a child running it (replies of
+                # other nodes end with their durable event, or when their node is swept).
+                for message_id in self._local_replies:
+                    self.inflight.pop(message_id, None)
+                self._local_replies.clear()
 
     async def _child(
         self, name: str, fn: Callable[[], Awaitable[None]], scope: trio.CancelScope
@@ -361,6 +418,8 @@ class ThreadActor:
         message_id = event.data.get("message_id")
         if event.type == "assistant.started" and isinstance(message_id, str):
             self.inflight[message_id] = []
+            if event.origin is None:
+                self._local_replies.add(message_id)
         elif event.type == "assistant.delta" and isinstance(message_id, str):
             parts = self.inflight.get(message_id)
             if parts is not None:
@@ -369,6 +428,7 @@ class ThreadActor:
             ended = message_id if isinstance(message_id, str) else event.data.get("id")
             if isinstance(ended, str):
                 self.inflight.pop(ended, None)
+                self._local_replies.discard(ended)
 
     def _go_live(self, sub: Subscriber, replayed_upto: int) -> bool:
         state = self.subscribers.get(sub)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import secrets
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +33,15 @@ BUILTIN_PRICES: dict[str, ModelPrice] = {
     "threadline-offline": ModelPrice(prompt_per_1k=0.0, completion_per_1k=0.0),
 }
 DEFAULT_PRICE = ModelPrice(prompt_per_1k=0.01, completion_per_1k=0.03)
+
+
+_NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def default_node_id() -> str:
+    """``<host name>-<pid>``, reduced to the characters a node id may hold."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:48] or "node"
+    return f"{host}-{os.getpid()}"
 
 
 def _split_csv(value: Any) -> Any:
@@ -103,6 +114,10 @@ class Settings(BaseSettings):
     # incomplete: slowloris) is closed after this long.
     http_keep_alive_timeout_s: float = Field(default=30.0, gt=0)
 
+    # Several nodes on one PostgreSQL (docs/operations.md, "Scaling out").
+    node_id: str = Field(default_factory=default_node_id)
+    node_timeout_s: float = Field(default=15.0, ge=0.5, le=3600)
+
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -119,6 +134,13 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        if not _NODE_ID_RE.match(value):
+            raise ValueError("must be 1-64 characters: letters, digits, '.', '_' or '-'")
         return value
 
     @field_validator("llm_prices", mode="before")
@@ -164,6 +186,11 @@ class Settings(BaseSettings):
         if self.public_url:
             return [self.public_url.rstrip("/")]
         return [f"http://{self.host}:{self.port}", f"http://localhost:{self.port}"]
+
+    @property
+    def node_heartbeat_s(self) -> float:
+        """How often a node refreshes its row (and sweeps for dead nodes' replies)."""
+        return self.node_timeout_s / 3
 
     def price_for(self, model: str) -> ModelPrice:
         """The configured price of ``model``, else the built-in one, else a conservative default."""

@@ -7,6 +7,9 @@ Cancellation safety: a trio task cancelled while a query is in flight may leave 
 mid-operation ("another operation is in progress"). Such a connection never goes back to the pool
 usable: it is terminated, and the pool replaces it. A transaction that fails cleanly is rolled back
 (shielded, with a timeout) before its connection is released.
+
+``Database.listen`` opens the one connection that is not from the pool: a node's LISTEN/NOTIFY
+connection for the broker (``server/broker.py``); see ``Listener``.
 """
 
 from __future__ import annotations
@@ -86,6 +89,81 @@ class PoolStats:
     @property
     def in_use(self) -> int:
         return self.size - self.idle
+
+
+class ListenerLost(Exception):
+    """The listening connection is gone (its backend ended, the network failed, or overflow)."""
+
+
+class Listener:
+    """A dedicated connection LISTENing on one channel: ``receive()`` payloads, ``notify()`` some.
+
+    Notifications are handed from asyncpg's callback to trio through the run's token (safe
+    whichever thread or loop asyncpg runs in) into a bounded buffer of ``buffer`` payloads. A
+    full buffer loses the connection on purpose (``ListenerLost``): the caller reconnects and
+    re-reads what it missed from the database, so a slow reader delays, never loses.
+    """
+
+    def __init__(self, conn: asyncpg.Connection, channel: str, buffer: int) -> None:
+        self._conn = conn
+        self.channel = channel
+        self._send, self._receive = trio.open_memory_channel[str](buffer)
+        self._token = trio.lowlevel.current_trio_token()
+        self.lost: str | None = None
+
+    @property
+    def backend_pid(self) -> int:
+        return int(self._conn.get_server_pid())
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._token.run_sync_soon(self._push, payload)
+
+    def _on_termination(self, _conn: object) -> None:
+        self._token.run_sync_soon(self._lose, "terminated")
+
+    def _push(self, payload: str) -> None:
+        if self.lost is not None:
+            return
+        try:
+            self._send.send_nowait(payload)
+        except trio.WouldBlock:
+            self._lose("overflow")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    def _lose(self, why: str) -> None:
+        if self.lost is None:
+            self.lost = why
+            self._send.close()  # the reader gets what is buffered, then ListenerLost
+
+    async def receive(self) -> str:
+        """The next payload, in the order PostgreSQL delivered them; ``ListenerLost`` at the end."""
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ListenerLost(self.lost or "closed") from None
+
+    async def notify(self, payloads: Sequence[str]) -> None:
+        """``pg_notify`` each payload on this channel, in order, in one statement (one
+        transaction: delivered together, after commit)."""
+        try:
+            await aio(self._conn.execute)(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS u(p, i)"
+                " ORDER BY i",
+                self.channel,
+                list(payloads),
+            )
+        except _CONNECTION_ERRORS as exc:
+            self._lose("terminated")
+            raise ListenerLost("terminated") from exc
+
+    async def ping(self) -> None:
+        """One round trip; ``ListenerLost`` if the connection is gone."""
+        try:
+            await aio(self._conn.fetchval)("SELECT 1")
+        except _CONNECTION_ERRORS as exc:
+            self._lose("terminated")
+            raise ListenerLost("terminated") from exc
 
 
 class Database:
@@ -239,6 +317,52 @@ class Database:
         """One statement, committed on its own."""
         async with self.statements() as tx:
             return await tx.fetchval(sql, *args)
+
+    @contextlib.asynccontextmanager
+    async def listen(
+        self,
+        channel: str,
+        *,
+        buffer: int = 10_000,
+        connect_timeout_s: float = 5.0,
+        application_name: str = "threadline-broker",
+    ) -> AsyncIterator[Listener]:
+        """A dedicated connection (never from the pool) LISTENing on ``channel`` for the block.
+
+        Its session commits asynchronously (``synchronous_commit=off``): what it notifies
+        itself is ephemeral, and durable events are notified by the transactions that write
+        them. Raises ``Unavailable`` if it cannot connect; the connection is closed on exit
+        (terminated if closing does not finish in time, or if the block was cancelled).
+        """
+        try:
+            conn = await aio(asyncpg.connect)(
+                self._dsn,
+                timeout=connect_timeout_s,
+                server_settings={
+                    "application_name": application_name[:63],
+                    "synchronous_commit": "off",
+                },
+            )
+        except (TimeoutError, *_CONNECTION_ERRORS) as exc:
+            raise Unavailable("The database is unavailable.") from exc
+        listener = Listener(conn, channel, buffer)
+        try:
+            conn.add_termination_listener(listener._on_termination)
+            try:
+                await aio(conn.add_listener)(channel, listener._on_notification)
+            except _CONNECTION_ERRORS as exc:
+                raise Unavailable("The database is unavailable.") from exc
+            yield listener
+        finally:
+            listener._lose("closed")
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as scope:
+                if not conn.is_closed():
+                    try:
+                        await aio(conn.close)()
+                    except _CONNECTION_ERRORS:
+                        pass
+            if scope.cancelled_caught or not conn.is_closed():
+                conn.terminate()
 
     async def ping(self, timeout: float = 1.0) -> float:
         """Run ``SELECT 1`` within ``timeout``; return the latency in seconds."""

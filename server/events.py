@@ -37,6 +37,8 @@ class ThreadEvent:
     data: dict[str, Any]
     # trio.current_time() when the event was committed; delivery latency is measured from here.
     committed_at: float = field(default_factory=trio.current_time)
+    # The node (incarnation) that published an ephemeral event, when it is not this one.
+    origin: str | None = None
 
     def wire(self) -> dict[str, Any]:
         """The contract's event frame."""

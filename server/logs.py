@@ -2,6 +2,8 @@
 
 Context (request id, user id, connection id, thread id, trace id) is bound with
 ``structlog.contextvars.bind_contextvars`` and flows to every line; call sites never format.
+Every line also names the node that wrote it (``node_id``, ``THREADLINE_NODE_ID``), so the logs
+of several nodes can be merged and still be read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,21 @@ _REDACT_KEYS = frozenset(
 )
 
 
+_node_id: str | None = None
+
+
+def set_node_id(node_id: str | None) -> None:
+    """Name this process's node on every log line from now on."""
+    global _node_id
+    _node_id = node_id
+
+
+def _add_node_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _node_id is not None:
+        event.setdefault("node_id", _node_id)
+    return event
+
+
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     """Never let a secret reach a log line, whatever a call site passes."""
     for key in list(event):
@@ -25,8 +42,10 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+def configure_logging(fmt: str = "auto", level: str = "info", node_id: str | None = None) -> None:
     """Configure structlog and the standard library's logging to write one format to stderr."""
+    if node_id is not None:
+        set_node_id(node_id)
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: Any = (
@@ -37,6 +56,7 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_node_id,
         _redact,
     ]
     structlog.configure(

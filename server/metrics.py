@@ -73,10 +73,26 @@ EVENT_DELIVERY = Histogram(
     "Time from an event's commit to its frame being written to a client.",
     buckets=_LATENCY_BUCKETS,
 )
+CLUSTER_NODES = Gauge(
+    "threadline_cluster_nodes",
+    "Live nodes of the cluster as this node last saw them (itself included).",
+)
+BROKER_MESSAGES = Counter(
+    "threadline_broker_messages_total",
+    "Messages between nodes through the broker, by direction (in|out).",
+    ["direction"],
+)
+BROKER_LAG = Histogram(
+    "threadline_broker_lag_seconds",
+    "Time from an event's commit (or an ephemeral event's publication) on any node to its "
+    "arrival here through the broker.",
+    buckets=_LATENCY_BUCKETS,
+)
 
 # Pre-create label sets we always want exported, so dashboards see zeros rather than gaps.
 for _d in ("in", "out"):
     WS_FRAMES.labels(direction=_d)
+    BROKER_MESSAGES.labels(direction=_d)
 for _t in ("http", "ws"):
     RATE_LIMITED.labels(transport=_t)
 for _k in ("prompt", "completion"):

@@ -18,7 +18,9 @@ _DB_CHECK_TIMEOUT_S = 1.0
 # not gate: with its circuit open, replies already fail fast (assistant.failed) while history,
 # REST and live delivery keep working; turning the instance (often the only one) away from the
 # load balancer would make a partial outage total. ThreadlineLLMCircuitOpen alerts on it.
-_GATING_CHECKS = ("database", "migrations", "actors")
+# The cluster check gates too: a node that cannot refresh its row is about to be taken for dead
+# by the others (which then end its replies), so it must not take new work.
+_GATING_CHECKS = ("database", "migrations", "actors", "cluster")
 
 
 def _services() -> Services:
@@ -76,7 +78,7 @@ def _check_component(services: Services, name: str) -> dict[str, Any]:
 
 @blueprint.get("/readyz")
 async def readyz() -> tuple[Response, int]:
-    """Readiness: database, schema revision and actors gate it; the LLM circuit is reported."""
+    """Readiness: database, schema revision, actors and cluster gate it; the LLM is reported."""
     services = _services()
     found: dict[str, dict[str, Any]] = {}
 
@@ -92,6 +94,7 @@ async def readyz() -> tuple[Response, int]:
         "migrations": found["migrations"],
         "llm": _check_component(services, "llm"),
         "actors": _check_component(services, "supervisor"),
+        "cluster": _check_component(services, "cluster"),
     }
     if services.draining.is_set():
         status = "draining"

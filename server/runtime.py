@@ -19,6 +19,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from server import httpext, migrate
 from server.app import create_app
+from server.cluster import cluster_plugin
 from server.config import Settings
 from server.db import Database
 from server.llm.plugin import assistant_plugin
@@ -32,8 +33,9 @@ httpext.install()
 # Subsystems (actors, LLM, ...) plug themselves in here; each is an async context manager factory
 # that receives the Services, may fill ``services.extras`` and yields while the server runs.
 Plugin = Callable[[Services], contextlib.AbstractAsyncContextManager[None]]
-# The actor system comes first: the assistant (replies + summariser) runs under its thread actors.
-PLUGINS: list[Plugin] = [realtime_plugin, assistant_plugin]
+# Cluster membership first (every node's row outlives its work), then the actor system: the
+# assistant (replies + summariser) runs under its thread actors.
+PLUGINS: list[Plugin] = [cluster_plugin, realtime_plugin, assistant_plugin]
 
 
 def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:
@@ -108,6 +110,9 @@ async def open_server(
                     running,
                 )
                 running.url = binds[0]
+                cluster = services.extras.get("cluster")
+                if cluster is not None:
+                    cluster.url = running.url  # for operators, from the next heartbeat
                 log.info("server.started", url=running.url)
                 try:
                     yield running

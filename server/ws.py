@@ -181,7 +181,10 @@ def register(app: QuartTrio) -> None:
 @contextlib.asynccontextmanager
 async def realtime_plugin(services: Services) -> AsyncIterator[None]:
     """Run the actor system for as long as the server runs (a ``server.runtime`` plugin)."""
-    hub = Hub.from_settings(EventLog(services.db), services.settings)
+    broker = services.extras.get("broker")
+    hub = Hub.from_settings(EventLog(services.db), services.settings, broker)
+    if broker is not None:
+        broker.attach(hub)  # events of other nodes (and our own commits) reach the thread actors
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery)
         supervisor.probes["hub"] = hub.health

@@ -283,3 +283,77 @@ async def test_a_failed_actor_answers_waiters_and_hands_on_unstarted_children(
         await ran.wait()  # run by a fresh actor
     assert sub.drops == ["error"]
     assert hub.actors.get(T) is not actor and hub.spawned == 2
+
+
+# -- intake from the broker (other nodes) -----------------------------------------------------
+
+
+class FakeBroker:
+    """Records what the hub hands to the other nodes."""
+
+    def __init__(self) -> None:
+        self.published: list[ThreadEvent] = []
+
+    def publish(self, event: ThreadEvent) -> None:
+        self.published.append(event)
+
+
+async def test_events_of_other_nodes_arrive_once_in_order(hub: Hub, memlog: MemoryLog) -> None:
+    sub = Sub()
+    await subscribe(hub, sub)
+    assert hub.known_seq(T) == 0 and hub.known_seq("no-such-thread") is None
+    one, two, three = memlog.append(T), memlog.append(T), memlog.append(T)
+    hub.deliver(one)  # from the broker
+    hub.publish(one)  # and the in-process publish of the same commit
+    hub.notice(T, 3)  # seq 3 did not fit the broker: read 2 and 3 from the log
+    hub.deliver(two)  # late duplicates are ignored
+    hub.deliver(three)
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.seqs() == [1, 2, 3]
+    assert hub.known_seq(T) == 3
+
+
+async def test_resync_rereads_what_the_broker_missed(hub: Hub, memlog: MemoryLog) -> None:
+    sub = Sub()
+    await subscribe(hub, sub)
+    for _ in range(4):
+        memlog.append(T)  # committed while the broker was down: never published
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.seqs() == []
+    hub.resync()
+    await trio.testing.wait_all_tasks_blocked()
+    assert sub.seqs() == [1, 2, 3, 4]
+
+
+async def test_ephemeral_events_go_to_the_broker_and_remote_replies_outlive_local_children(
+    memlog: MemoryLog,
+) -> None:
+    broker = FakeBroker()
+    hub = Hub(memlog, mailbox_size=8, idle_timeout_s=60.0, backlog_limit=50, broker=broker)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await hub.wait_ready()
+        sub = Sub()
+        await subscribe(hub, sub)
+        durable = memlog.append(T)
+        hub.publish(durable)
+        hub.publish(ThreadEvent(T, "assistant.started", None, {"message_id": "local"}))
+        assert [e.type for e in broker.published] == ["assistant.started"]  # durable: not sent
+        # A reply generated on another node: its events come from the broker, tagged.
+        remote = {"message_id": "remote"}
+        hub.deliver(ThreadEvent(T, "assistant.started", None, remote, origin="node-b"))
+        delta = {**remote, "index": 0, "text": "Hi"}
+        hub.deliver(ThreadEvent(T, "assistant.delta", None, delta, origin="node-b"))
+        done = trio.Event()
+
+        async def child() -> None:
+            done.set()
+
+        hub.run_in_thread(T, "other", child)  # a local child ends: local replies are over
+        await done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.actors[T].inflight == {"remote": ["Hi"]}
+        late = Sub()
+        await subscribe(hub, late, after_seq=None)
+        assert late.frames[-1]["data"] == {"message_id": "remote", "text": "Hi"}
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,173 @@
+"""Three ``threadline serve`` nodes on one embedded PostgreSQL, started once for the package.
+
+The nodes are started together on a fresh data directory, as an operator would start them: they
+race to create the database, the signing key and the schema, and must all come up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from tests.cluster.nodes import (
+    FakeLLMProcess,
+    Node,
+    fake_llm_process,
+    start_node,
+    stop_embedded_postgres,
+    stop_node,
+    wait_ready,
+)
+from tests.server.ws_support import Client
+
+NODE_TIMEOUT_S = 2.0
+# Per-user bucket for every node: the rate-limit test checks the cluster keeps to it.
+USER_RATE_PER_S = 5.0
+USER_BURST = 40
+
+
+@dataclass
+class Cluster:
+    """The running nodes, the fake provider and where they keep their data."""
+
+    nodes: list[Node]
+    fake: FakeLLMProcess
+    data_dir: Path
+    log_dir: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        values = {
+            "THREADLINE_NODE_TIMEOUT_S": str(NODE_TIMEOUT_S),
+            "THREADLINE_RATE_LIMIT_PER_S": str(USER_RATE_PER_S),
+            "THREADLINE_RATE_LIMIT_BURST": str(USER_BURST),
+            "THREADLINE_IP_RATE_LIMIT_PER_S": "10000",
+            "THREADLINE_IP_RATE_LIMIT_BURST": "100000",
+            "THREADLINE_GRACEFUL_TIMEOUT_S": "6",
+            "THREADLINE_THREAD_IDLE_TIMEOUT_S": "30",
+        }
+        values.update(extra)
+        return values
+
+    def start(self, name: str, **extra: str) -> Node:
+        """Another node on the same data directory (waited for)."""
+        node = start_node(self.data_dir, name, self.fake.url, self.log_dir, **self.env(**extra))
+        wait_ready(node)
+        return node
+
+
+@pytest.fixture(scope="package")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    data_dir = tmp_path_factory.mktemp("cluster-data")
+    log_dir = tmp_path_factory.mktemp("cluster-logs")
+    with fake_llm_process(log_dir) as fake:
+        running = Cluster([], fake, data_dir, log_dir)
+        started = [
+            start_node(data_dir, f"node-{i}", fake.url, log_dir, **running.env()) for i in (1, 2, 3)
+        ]
+        running.nodes = started
+        try:
+            for node in started:
+                wait_ready(node)
+            yield running
+        finally:
+            for node in running.nodes:
+                with contextlib.suppress(Exception):
+                    stop_node(node)
+            stop_embedded_postgres(data_dir)
+
+
+@dataclass
+class User:
+    token: str
+    project_id: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+async def new_user(node: Node) -> User:
+    account = {"email": f"c{uuid.uuid4().hex[:12]}@example.com", "password": "a long password 1"}
+    async with httpx.AsyncClient(base_url=node.url, timeout=20) as http:
+        assert (await http.post("/api/v1/auth/register", json=account)).status_code == 201
+        login = await http.post("/api/v1/auth/login", json=account)
+        assert login.status_code == 200, login.text
+        token = login.json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        http.cookies.clear()
+        project = await http.post("/api/v1/projects", json={"name": "p"}, headers=headers)
+        assert project.status_code == 201, project.text
+    return User(token, project.json()["id"])
+
+
+async def new_thread(node: Node, user: User) -> str:
+    async with httpx.AsyncClient(base_url=node.url, timeout=20) as http:
+        thread = await http.post(
+            f"/api/v1/projects/{user.project_id}/threads", json={"title": "t"}, headers=user.headers
+        )
+    assert thread.status_code == 201, thread.text
+    return str(thread.json()["id"])
+
+
+async def rest_send(
+    node: Node, user: User, thread_id: str, content: str, *, reply: bool = False
+) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=node.url, timeout=20) as http:
+        response = await http.post(
+            f"/api/v1/threads/{thread_id}/messages",
+            json={"content": content, "client_msg_id": uuid.uuid4().hex, "reply": reply},
+            headers=user.headers,
+        )
+    assert response.status_code == 201, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def ws_client(node: Node, user: User) -> AsyncIterator[Client]:
+    """An authenticated WebSocket to ``node``, pumped for the duration of the block."""
+    async with (
+        open_websocket_url(
+            node.ws_url, extra_headers=[("Authorization", f"Bearer {user.token}")]
+        ) as ws,
+        trio.open_nursery() as nursery,
+    ):
+        client = Client(ws)
+        nursery.start_soon(client.pump)
+        yield client
+        nursery.cancel_scope.cancel()
+
+
+async def subscribe(client: Client, thread_id: str, after_seq: int | None = 0) -> dict[str, Any]:
+    reply = await client.request("subscribe", thread_id=thread_id, after_seq=after_seq)
+    assert reply["ok"], reply
+    return reply["data"]  # type: ignore[no-any-return]
+
+
+def durable(client: Client, thread_id: str) -> list[dict[str, Any]]:
+    return [e for e in client.events if e["thread_id"] == thread_id and e["seq"] is not None]
+
+
+_refs = itertools.count(1)
+
+
+async def ws_send(client: Client, thread_id: str, content: str, *, reply: bool = False) -> Any:
+    answer = await client.request(
+        "send", thread_id=thread_id, content=content, client_msg_id=uuid.uuid4().hex, reply=reply
+    )
+    assert answer["ok"], answer
+    return answer["data"]
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=1)

@@ -1,0 +1,109 @@
+"""The broker's payloads: what one node sends, another decodes to the same event (no database)."""
+
+from __future__ import annotations
+
+import trio
+
+from server.broker import MAX_PAYLOAD_BYTES, PgBroker
+from server.events import ThreadEvent
+
+T = "00000000-0000-0000-0000-0000000000aa"
+
+
+class Sink:
+    def __init__(self, known: int | None = 0) -> None:
+        self.known = known
+        self.events: list[ThreadEvent] = []
+        self.notices: list[tuple[str, int]] = []
+
+    def known_seq(self, thread_id: str) -> int | None:
+        return self.known
+
+    def deliver(self, event: ThreadEvent) -> None:
+        self.events.append(event)
+
+    def notice(self, thread_id: str, seq: int) -> None:
+        self.notices.append((thread_id, seq))
+
+    def resync(self) -> None:
+        raise AssertionError("not expected")
+
+
+def _pair(known: int | None = 0) -> tuple[PgBroker, PgBroker, Sink]:
+    sender = PgBroker(None, "aaaaaaaa-0000-0000-0000-000000000001")  # type: ignore[arg-type]
+    receiver = PgBroker(None, "bbbbbbbb-0000-0000-0000-000000000002")  # type: ignore[arg-type]
+    sink = Sink(known)
+    receiver.attach(sink)
+    return sender, receiver, sink
+
+
+async def test_a_long_delta_is_split_under_the_limit_and_joined_again() -> None:
+    sender, receiver, sink = _pair()
+    text = "é☃" * 9000 + "end"  # multi-byte characters, far beyond one payload
+    event = ThreadEvent(T, "assistant.delta", None, {"message_id": "m", "index": 4, "text": text})
+    payloads = sender._ephemeral_payloads(event)
+    assert len(payloads) > 3
+    assert all(len(p.encode()) < MAX_PAYLOAD_BYTES for p in payloads)
+    for payload in payloads:
+        receiver._dispatch(payload)
+    (got,) = sink.events
+    assert got.data == {"message_id": "m", "index": 4, "text": text}
+    assert got.origin == sender.incarnation and got.seq is None
+    # The sender ignores its own ephemeral events when they come back.
+    for payload in payloads:
+        sender.attach(own := Sink())
+        sender._dispatch(payload)
+        assert own.events == []
+
+
+async def test_durable_payloads_deliver_notice_or_skip() -> None:
+    _, receiver, sink = _pair(known=4)
+    receiver._dispatch(f'e:{T}:5:1700000000.5:message.created:{{"id": "x"}}')
+    receiver._dispatch(f"e:{T}:6:1700000000.5:message.created:")  # too big: read the log
+    receiver._dispatch(f'e:{T}:3:1700000000.5:message.created:{{"id": "y"}}')  # delivered
+    assert [(e.seq, e.data) for e in sink.events] == [(5, {"id": "x"})]
+    assert sink.notices == [(T, 6)]
+    assert sink.events[0].committed_at < trio.current_time()  # placed in the past
+    nobody = Sink(known=None)
+    receiver.attach(nobody)
+    receiver._dispatch(f'e:{T}:7:1700000000.5:message.created:{{"id": "z"}}')
+    assert nobody.events == [] and nobody.notices == []
+
+
+async def test_a_request_is_answered_by_the_node_it_names() -> None:
+    asker, answerer, _ = _pair()
+    seen: list[dict[str, object]] = []
+
+    async def handler(body: dict[str, object]) -> dict[str, object]:
+        seen.append(body)
+        return {"text": "x" * 20000}  # an answer bigger than one payload
+
+    answerer.handle("snapshot", handler)
+    async with trio.open_nursery() as nursery:
+        answerer._nursery = nursery
+        result: list[object] = []
+
+        async def ask() -> None:
+            result.append(
+                await asker.request(answerer.incarnation, "snapshot", {"m": 1}, timeout_s=5)
+            )
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        (question,) = _drain(asker)
+        answerer._dispatch(question)
+        await trio.testing.wait_all_tasks_blocked()
+        for payload in _drain(answerer):
+            assert len(payload.encode()) < MAX_PAYLOAD_BYTES
+            asker._dispatch(payload)
+        await trio.testing.wait_all_tasks_blocked()
+    assert seen == [{"m": 1}] and result == [{"text": "x" * 20000}]
+
+
+def _drain(broker: PgBroker) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(broker._out_recv.receive_nowait())
+        except trio.WouldBlock:
+            return out
