@@ -6,8 +6,9 @@ body; ``GET /v1/models``), and can be told to misbehave:
 
 ``POST /control`` with any of ``{"fail_next": N, "status": 503, "retry_after": 1,
 "delay_per_token_ms": 5, "first_token_delay_ms": 0, "hang": true, "drop_after_tokens": K,
-"error_after_tokens": K, "tokens": N, "text": "exact reply", "reset": true}``;
-``GET /control/stats`` counts requests.
+"error_after_tokens": K, "malformed_after_tokens": K, "end_after_tokens": K,
+"stall_after_tokens": K, "omit_done": true, "error_body_200": true, "huge_chunk_bytes": N,
+"tokens": N, "text": "exact reply", "reset": true}``; ``GET /control/stats`` counts requests.
 
 Run it in-process with ``open_fake_llm()`` (port 0 picks a free port) or as a process with
 ``threadline fake-llm --port P``. The reply to a prompt is deterministic.
@@ -56,6 +57,12 @@ class FakeControls:
     hang: bool = False  # accept the request, then send nothing until released
     drop_after_tokens: int | None = None  # break the connection after K tokens
     error_after_tokens: int | None = None  # send an SSE ``error`` object after K tokens, then end
+    malformed_after_tokens: int | None = None  # send a ``data:`` line that is not JSON after K
+    end_after_tokens: int | None = None  # end the body cleanly after K tokens: no finish, no [DONE]
+    stall_after_tokens: int | None = None  # after K tokens send nothing more until released
+    omit_done: bool = False  # a complete stream (finish, usage) without the final ``[DONE]``
+    error_body_200: bool = False  # answer 200 with a JSON ``{"error": ...}`` body, not a stream
+    huge_chunk_bytes: int | None = None  # the first text chunk is one SSE line of N bytes
     tokens: int = 12  # completion length, in tokens (words)
     text: str | None = None  # reply with exactly this text instead (split on spaces)
 
@@ -166,6 +173,11 @@ class FakeLLM:
             return Response(
                 json.dumps(error), controls.status, headers=headers, mimetype="application/json"
             )
+        if controls.error_body_200:
+            # Some gateways answer an upstream failure with 200 and an error object.
+            self.stats.failed += 1
+            error = {"error": {"message": "upstream overloaded", "type": "server_error"}}
+            return Response(json.dumps(error), 200, mimetype="application/json")
         if controls.hang:
             self.stats.in_flight += 1
             try:
@@ -219,10 +231,23 @@ class FakeLLM:
             if controls.first_token_delay_ms:
                 await trio.sleep(controls.first_token_delay_ms / 1000)
             yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}, None))
+            if controls.huge_chunk_bytes is not None:
+                pieces = ["x" * controls.huge_chunk_bytes, *pieces]
             for i, piece in enumerate(pieces):
                 if controls.error_after_tokens is not None and i >= controls.error_after_tokens:
                     error = {"message": "fake mid-stream failure", "type": "server_error"}
                     yield _sse({"error": error})
+                    return
+                if (
+                    controls.malformed_after_tokens is not None
+                    and i >= controls.malformed_after_tokens
+                ):
+                    yield b'data: {"id": "chatcmpl-broken", "choices": [{"delta": {"con\n\n'
+                    return
+                if controls.end_after_tokens is not None and i >= controls.end_after_tokens:
+                    return  # a clean end of the body, as a provider restarting mid-answer may do
+                if controls.stall_after_tokens is not None and i >= controls.stall_after_tokens:
+                    await self._release.wait()
                     return
                 if controls.drop_after_tokens is not None and i >= controls.drop_after_tokens:
                     self.stats.dropped += 1
@@ -245,7 +270,8 @@ class FakeLLM:
                     "usage": usage,
                 }
             )
-            yield b"data: [DONE]\n\n"
+            if not controls.omit_done:
+                yield b"data: [DONE]\n\n"
             self.stats.completed += 1
         finally:
             self.stats.in_flight -= 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import httpx2
@@ -28,6 +28,13 @@ from server.llm.provider import (
 )
 
 log = structlog.get_logger(__name__)
+
+# The longest SSE line we read. A chat chunk is a few hundred bytes; a provider (or something in
+# between) that sends megabytes on one line is broken, and buffering it would cost that memory
+# per reply. Past this the call fails (``provider_error``) instead.
+MAX_LINE_BYTES = 1 << 20
+# How much of a non-stream body (a 200 carrying an error object) is read to describe it.
+_MAX_ERROR_BODY_BYTES = 64 * 1024
 
 
 def _retry_after(response: httpx2.Response | None) -> float | None:
@@ -53,6 +60,49 @@ def _decode(data: str) -> dict[str, Any]:
     if chunk.get("error"):
         raise ProviderError("The provider reported an error mid-stream.", retryable=False)
     return chunk
+
+
+async def _sse_lines(chunks: AsyncIterator[bytes]) -> AsyncGenerator[str, None]:
+    """The lines of an SSE body, each at most ``MAX_LINE_BYTES``; else a ProviderError."""
+    buffer = b""
+    async for data in chunks:
+        buffer += data
+        lines = buffer.split(b"\n")
+        buffer = lines.pop()
+        if len(buffer) > MAX_LINE_BYTES:
+            raise ProviderError(
+                f"The provider sent a line longer than {MAX_LINE_BYTES} bytes.", retryable=False
+            )
+        for line in lines:
+            if len(line) > MAX_LINE_BYTES:
+                raise ProviderError(
+                    f"The provider sent a line longer than {MAX_LINE_BYTES} bytes.",
+                    retryable=False,
+                )
+            try:
+                yield line.rstrip(b"\r").decode()
+            except UnicodeDecodeError:
+                raise ProviderError(
+                    "The provider sent a chunk that is not UTF-8.", retryable=False
+                ) from None
+    if buffer.strip():
+        yield buffer.rstrip(b"\r").decode(errors="replace")
+
+
+async def _error_body(chunks: AsyncIterator[bytes]) -> ProviderError:
+    """A 2xx answer that is not an event stream: describe it (bounded read) as a failure."""
+    body = b""
+    async for data in chunks:
+        body += data
+        if len(body) > _MAX_ERROR_BODY_BYTES:
+            break
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    kind = "an error object" if error else "no event stream"
+    # Gateways answer transient upstream failures this way: worth a retry, as a 5xx would be.
+    return ProviderError(f"The provider answered 200 with {kind}.", retryable=True)
 
 
 def _status_error(exc: openai.APIStatusError) -> ProviderError:
@@ -111,27 +161,31 @@ class OpenAIProvider:
                 stream_options={"include_usage": True},
                 max_tokens=max_tokens,
             ) as response:
-                async for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event: lines
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = _decode(data)
-                    model = chunk.get("model") or model
-                    raw_usage = chunk.get("usage")
-                    if raw_usage:
-                        usage = Usage(
-                            prompt_tokens=int(raw_usage.get("prompt_tokens") or 0),
-                            completion_tokens=int(raw_usage.get("completion_tokens") or 0),
-                        )
-                    for choice in chunk.get("choices") or ():
-                        if choice.get("finish_reason"):
-                            finish = str(choice["finish_reason"])
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            parts.append(text)
-                            await on_text(text)
+                content_type = response.headers.get("content-type", "")
+                if not content_type.startswith("text/event-stream"):
+                    raise await _error_body(response.iter_bytes())
+                async with contextlib.aclosing(_sse_lines(response.iter_bytes())) as lines:
+                    async for line in lines:
+                        if not line.startswith("data:"):
+                            continue  # blank separators, comments, event: lines
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            break
+                        chunk = _decode(data)
+                        model = chunk.get("model") or model
+                        raw_usage = chunk.get("usage")
+                        if raw_usage:
+                            usage = Usage(
+                                prompt_tokens=int(raw_usage.get("prompt_tokens") or 0),
+                                completion_tokens=int(raw_usage.get("completion_tokens") or 0),
+                            )
+                        for choice in chunk.get("choices") or ():
+                            if choice.get("finish_reason"):
+                                finish = str(choice["finish_reason"])
+                            text = (choice.get("delta") or {}).get("content")
+                            if text:
+                                parts.append(text)
+                                await on_text(text)
         except openai.APITimeoutError:
             raise ProviderTimeout("The provider did not answer in time.") from None
         except openai.APIStatusError as exc:
