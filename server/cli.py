@@ -6,21 +6,25 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from server.config import ConfigError, Settings, load_settings
 from server.logs import configure_logging
 
+if TYPE_CHECKING:
+    from server.embedded_pg import EmbeddedPostgres
+
 
 @contextlib.contextmanager
-def database_dsn(settings: Settings) -> Iterator[tuple[str, bool]]:
-    """Yield (dsn, embedded): the configured external server, else the embedded one."""
+def database_dsn(settings: Settings) -> Iterator[tuple[str, EmbeddedPostgres | None]]:
+    """Yield (dsn, embedded): the configured external server, else the embedded one's handle."""
     if settings.database_url is not None:
-        yield settings.database_url.get_secret_value(), False
+        yield settings.database_url.get_secret_value(), None
         return
-    from server.embedded_pg import embedded_postgres
+    from server.embedded_pg import open_embedded
 
-    with embedded_postgres(settings.data_dir) as dsn:
-        yield dsn, True
+    with open_embedded(settings.data_dir) as handle:
+        yield handle.dsn, handle
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -37,9 +41,9 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if overrides:
         settings = settings.model_copy(update=overrides)
     with database_dsn(settings) as (dsn, embedded):
-        if embedded:
+        if embedded is not None:
             migrate.upgrade(dsn)
-        trio.run(serve_until_signalled, settings, dsn)
+        trio.run(serve_until_signalled, settings, dsn, embedded)
     return 0
 
 

@@ -52,6 +52,26 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.TooManyConnectionsError,
 )
+# A connection lost mid-use: the socket broke, or the server ended the session (administrator
+# command, crash). The request fails as 503 ``unavailable`` (a client may retry: sends are
+# idempotent by client_msg_id), never as a 500, and the connection is not reused.
+# (InternalClientError: asyncpg found the protocol in a state it cannot go on from, seen when
+# the server died mid-operation; the connection is unusable.)
+_LOST_ERRORS = (
+    *_CONNECTION_ERRORS,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+
+def _is_closed(conn: asyncpg.Connection) -> bool:
+    """Closed, or already detached by the pool (it does that itself when a connection is lost,
+    and every call on the detached proxy then raises InterfaceError)."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.exceptions.InterfaceError:
+        return True
 
 
 class Tx:
@@ -237,6 +257,9 @@ class Database:
         except trio.Cancelled:
             self._discard(conn)
             raise
+        except _LOST_ERRORS as exc:
+            self._discard(conn)
+            raise Unavailable("The database connection was lost.") from exc
         except asyncpg.PostgresError:
             clean = True  # the server answered: the connection itself is fine
             raise
@@ -245,14 +268,19 @@ class Database:
             raise
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as scope:
-                if clean and conn.is_in_transaction():
+                if clean and not _is_closed(conn) and conn.is_in_transaction():
                     self._discard(conn)  # never hand on a connection with an open transaction
-                await aio(self._pool.release)(conn)
+                try:
+                    await aio(self._pool.release)(conn)  # a no-op for a detached proxy
+                except (*_LOST_ERRORS, asyncpg.PostgresError):
+                    # It died while being reset for reuse (asyncpg then terminates it and
+                    # frees its slot): the request's own work is done and must not fail.
+                    self._discard(conn)
             if scope.cancelled_caught:
-                conn.terminate()
+                self._discard(conn)
 
     def _discard(self, conn: asyncpg.Connection) -> None:
-        if not conn.is_closed():
+        if not _is_closed(conn):
             self.terminated_on_cancel += 1
             conn.terminate()
 
@@ -275,19 +303,22 @@ class Database:
                 yield tx
             except asyncpg.PostgresError:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S):
-                    await aio(tr.rollback)()
+                    if not _is_closed(conn):
+                        with contextlib.suppress(*_LOST_ERRORS):
+                            await aio(tr.rollback)()
                 raise
             except trio.Cancelled:
                 raise  # the connection is terminated by connection(); no rollback needed
             except BaseException:
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S):
-                    if not conn.is_closed():
-                        await aio(tr.rollback)()
+                    if not _is_closed(conn):
+                        with contextlib.suppress(*_LOST_ERRORS):
+                            await aio(tr.rollback)()
                 raise
             else:
                 try:
                     await aio(tr.commit)()
-                except _CONNECTION_ERRORS as exc:
+                except _LOST_ERRORS as exc:
                     raise Unavailable("The database connection was lost.") from exc
 
     @contextlib.asynccontextmanager

@@ -2,6 +2,14 @@
 
 It is the real PostgreSQL shipped in the ``pgserver`` wheel, its files kept under
 ``<data_dir>/pgdata`` across restarts and reached over a Unix socket only (no TCP port is opened).
+
+Supervision: ``threadline serve`` watches the postmaster (``EmbeddedPostgres.supervise``) and
+starts it again when it dies (SIGKILL, OOM killer), on the same socket, hence the same DSN;
+PostgreSQL's crash recovery replays its WAL, so every committed transaction is there. Several
+processes may share one data dir and all notice the death at once: a restart happens only under
+pgserver's inter-process lock and only if, once the lock is held, no postmaster runs and no
+process of the dead cluster is left (a new postmaster beside surviving old backends could
+corrupt the data files). Whoever comes second finds it running and does nothing.
 """
 
 from __future__ import annotations
@@ -9,36 +17,220 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import structlog
+import trio
+
+from server import metrics
 
 log = structlog.get_logger(__name__)
 
+# How often the supervisor looks at the postmaster (a pid file read and a process lookup).
+SUPERVISE_INTERVAL_S = 0.5
+_START_TIMEOUT_S = 60.0  # pg_ctl start -w: includes crash recovery
 
-@contextlib.contextmanager
-def embedded_postgres(data_dir: Path) -> Iterator[str]:
-    """Start (or join) the embedded server for ``data_dir``; yield its DSN; stop it on exit.
 
-    Stopping happens when the last process using the same data dir lets go of it, so a second
-    ``threadline`` command against the same data dir (a migration, say) does not stop the server.
-    """
+def _pgserver() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR under root
         import pgserver
 
+    return pgserver
+
+
+class NotYet(Exception):
+    """The dead cluster still has live processes; a start now would be unsafe."""
+
+
+class EmbeddedPostgres:
+    """A handle on the embedded server: its DSN, its state, and a supervisor that restarts it.
+
+    ``state`` is ``running``, ``down`` (found dead, waiting for the old processes to go) or
+    ``restarting`` (pg_ctl start in progress); ``/readyz`` shows it with the restart count.
+    """
+
+    def __init__(self, server: Any, pgdata: Path) -> None:
+        self._server = server
+        self.pgdata = pgdata
+        info = server.get_postmaster_info()
+        self.dsn: str = server.get_uri()
+        self._socket_dir = str(info.socket_dir)
+        self.state = "running"
+        self.restarts = 0  # restarts this process performed
+        self.deaths_seen = 0  # times this process found the postmaster dead
+        self.last_error: str | None = None
+        self.restarted_at: float | None = None  # trio.current_time() of the last restart
+        self._changed = trio.Event()
+
+    # -- looking -----------------------------------------------------------------------
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first)
+        except (OSError, ValueError):
+            return None
+
+    def is_running(self) -> bool:
+        """The postmaster named in ``postmaster.pid`` is alive (a zombie is dead)."""
+        pid = self._postmaster_pid()
+        return pid is not None and _alive(pid)
+
+    def _leftovers(self) -> list[int]:
+        """Live processes of a dead cluster: postgres processes run in the data directory."""
+        found = []
+        for proc in psutil.process_iter(["name"]):
+            if proc.info["name"] != "postgres":
+                continue
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()) == self.pgdata:
+                    found.append(proc.pid)
+        return found
+
+    def health(self) -> dict[str, Any]:
+        """For ``/readyz``: ``{"state", "restarts"}`` and the last restart error, if any."""
+        result: dict[str, Any] = {"state": self.state, "restarts": self.restarts}
+        if self.last_error is not None:
+            result["last_error"] = self.last_error
+        return result
+
+    # -- restarting --------------------------------------------------------------------
+
+    def ensure_running(self) -> bool:
+        """Start the postmaster if it is dead; True if this call started it. Blocking.
+
+        Raises NotYet while processes of the dead cluster remain, CalledProcessError or
+        TimeoutExpired if pg_ctl fails.
+        """
+        pgserver = _pgserver()
+        with pgserver.PostgresServer._lock:  # the lock pgserver itself starts servers under
+            if self.is_running():
+                return False  # another process restarted it first
+            leftovers = self._leftovers()
+            if leftovers:
+                raise NotYet(f"{len(leftovers)} processes of the dead server remain")
+            # The lock files name a dead postmaster and nothing else of it runs: remove them,
+            # or postgres refuses to start while that pid is a zombie no one has reaped yet.
+            for lock in (
+                self.pgdata / "postmaster.pid",
+                Path(self._socket_dir) / ".s.PGSQL.5432.lock",
+            ):
+                _remove_stale_lock(lock)
+            user = self._server.system_user
+            pgserver._commands.pg_ctl(
+                [
+                    "-w",
+                    "-t",
+                    str(int(_START_TIMEOUT_S)),
+                    "-o",
+                    '-h ""',
+                    "-o",
+                    f"-k {self._socket_dir}",
+                    # Crash recovery first syncs the data directory: one syncfs() instead of
+                    # an fsync() per file (seconds on a busy disk).
+                    "-o",
+                    "-c recovery_init_sync_method=syncfs",
+                    "-l",
+                    str(self.pgdata / "log"),
+                    "start",
+                ],
+                pgdata=self.pgdata,
+                user=user,
+                timeout=_START_TIMEOUT_S + 5,
+            )
+            # pgserver stops "its" postmaster on exit: point it at the one now running.
+            self._server._postmaster_info = pgserver.utils.PostmasterInfo.read_from_pgdata(
+                self.pgdata
+            )
+            return True
+
+    async def supervise(self, interval_s: float = SUPERVISE_INTERVAL_S) -> None:
+        """Watch the postmaster until cancelled; start it again when it has died."""
+        while True:
+            await trio.sleep(interval_s)
+            if self.is_running():
+                if self.state != "running":
+                    self._set("running")
+                continue
+            if self.state == "running":
+                self.deaths_seen += 1
+                log.error("db.embedded.died", pgdata=str(self.pgdata))
+                self._set("down")
+            try:
+                self._set("restarting")
+                started = await trio.to_thread.run_sync(self.ensure_running, abandon_on_cancel=True)
+            except NotYet as exc:
+                if self.last_error != str(exc):
+                    log.info("db.embedded.waiting", reason=str(exc))
+                self._set("down", str(exc))
+                continue
+            except (subprocess.SubprocessError, OSError) as exc:
+                self._set("down", f"pg_ctl start failed ({type(exc).__name__})")
+                log.warning("db.embedded.restart_failed", error=type(exc).__name__)
+                continue
+            self.last_error = None
+            if started:
+                self.restarts += 1
+                self.restarted_at = trio.current_time()
+                metrics.DB_EMBEDDED_RESTARTS.inc()
+                log.warning("db.embedded.restarted", pgdata=str(self.pgdata))
+            self._set("running")
+
+    def _set(self, state: str, error: str | None = None) -> None:
+        self.state = state
+        if error is not None:
+            self.last_error = error
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, checked at each change of state (tests, tools)."""
+        while not predicate():
+            await self._changed.wait()
+
+
+def _remove_stale_lock(path: Path) -> None:
+    """Remove a PostgreSQL lock file whose first line names a process that is not alive."""
+    try:
+        pid = int(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return
+    if not _alive(pid):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+@contextlib.contextmanager
+def open_embedded(data_dir: Path) -> Iterator[EmbeddedPostgres]:
+    """Start (or join) the embedded server for ``data_dir``; yield its handle; stop it on exit.
+
+    Stopping happens when the last process using the same data dir lets go of it, so a second
+    ``threadline`` command against the same data dir (a migration, say) does not stop the server.
+    """
+    pgserver = _pgserver()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "pgdata"
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     log.info("db.embedded.starting", pgdata=str(pgdata))
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
     try:
-        uri: str = server.get_uri()
+        handle = EmbeddedPostgres(server, pgdata)
         log.info("db.embedded.ready", pgdata=str(pgdata))
-        yield uri
+        yield handle
     finally:
         _forget_dead_users(server)
         server.cleanup()
@@ -59,11 +251,8 @@ def _forget_dead_users(server: object) -> None:
                 users.get_and_remove(pid)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
+@contextlib.contextmanager
+def embedded_postgres(data_dir: Path) -> Iterator[str]:
+    """Like ``open_embedded``, yielding only the DSN."""
+    with open_embedded(data_dir) as handle:
+        yield handle.dsn

@@ -68,6 +68,10 @@ DB_POOL_CONNECTIONS = Gauge(
     "Database pool connections by state (idle|in_use|max).",
     ["state"],
 )
+DB_EMBEDDED_RESTARTS = Counter(
+    "threadline_db_embedded_restarts_total",
+    "Times this process started the embedded PostgreSQL again after it died.",
+)
 EVENT_DELIVERY = Histogram(
     "threadline_event_delivery_seconds",
     "Time from an event's commit to its frame being written to a client.",

@@ -41,6 +41,15 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _check_database(services: Services) -> dict[str, Any]:
+    result = await _ping_database(services)
+    embedded = services.extras.get("embedded_db")
+    if embedded is not None:
+        # Why the database is down, when it is ours: "restarting", and how often it was.
+        result["embedded"] = embedded.health()
+    return result
+
+
+async def _ping_database(services: Services) -> dict[str, Any]:
     try:
         latency = await services.db.ping(timeout=_DB_CHECK_TIMEOUT_S)
     except trio.TooSlowError:

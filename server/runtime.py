@@ -11,6 +11,7 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -25,6 +26,9 @@ from server.db import Database
 from server.llm.plugin import assistant_plugin
 from server.services import Services
 from server.ws import realtime_plugin
+
+if TYPE_CHECKING:
+    from server.embedded_pg import EmbeddedPostgres
 
 log = structlog.get_logger(__name__)
 
@@ -83,9 +87,31 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def open_server(
-    settings: Settings, dsn: str, *, bind: str | None = None
+    settings: Settings,
+    dsn: str,
+    *,
+    bind: str | None = None,
+    embedded: EmbeddedPostgres | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """Run the whole server in the caller's trio-asyncio loop for the duration of the block."""
+    """Run the whole server in the caller's trio-asyncio loop for the duration of the block.
+
+    With ``embedded`` (the embedded PostgreSQL's handle) the server also supervises it: a dead
+    postmaster is started again, and ``/readyz`` reports its state meanwhile.
+    """
+    async with trio.open_nursery() as watchers:
+        if embedded is not None:
+            watchers.start_soon(embedded.supervise)
+        try:
+            async with _open_server(settings, dsn, bind, embedded) as running:
+                yield running
+        finally:
+            watchers.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _open_server(
+    settings: Settings, dsn: str, bind: str | None, embedded: EmbeddedPostgres | None
+) -> AsyncIterator[RunningServer]:
     async with Database.connect(
         dsn,
         min_size=settings.db_pool_min,
@@ -95,6 +121,8 @@ async def open_server(
     ) as db:
         await db.fetchval("UPDATE installation SET single_user = $1", settings.single_user)
         services = Services(settings=settings, db=db, head_revision=migrate.head_revision())
+        if embedded is not None:
+            services.extras["embedded_db"] = embedded
         # Plugins start before HTTP and stop after it: actors outlive their transports.
         # (Entered outside the HTTP nursery so a plugin's own nursery nests properly.)
         async with contextlib.AsyncExitStack() as stack:
@@ -139,13 +167,15 @@ async def _serve_http(
     await hypercorn_serve(app, config, shutdown_trigger=_trigger, task_status=task_status)  # type: ignore[arg-type]
 
 
-async def serve_until_signalled(settings: Settings, dsn: str) -> None:
+async def serve_until_signalled(
+    settings: Settings, dsn: str, embedded: EmbeddedPostgres | None = None
+) -> None:
     """``threadline serve``: run until SIGTERM or SIGINT, then shut down gracefully."""
     import trio_asyncio
 
     async with trio_asyncio.open_loop():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with open_server(settings, dsn) as running:
+            async with open_server(settings, dsn, embedded=embedded) as running:
                 print(f"threadline: serving on {running.url}", flush=True)
                 async for signum in signals:
                     log.info("server.signal", signal=signal.Signals(signum).name)

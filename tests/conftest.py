@@ -106,3 +106,14 @@ async def client(server: RunningServer) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client for ``server`` over loopback."""
     async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as http:
         yield http
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures the proof tests measured (tests/figures.py), for docs/reliability.md."""
+    from tests.figures import summary_lines
+
+    lines = summary_lines()
+    if lines:
+        terminalreporter.section("figures")
+        for line in lines:
+            terminalreporter.write_line(line)
