@@ -40,15 +40,6 @@ def _describe(exc: BaseException) -> str:
     return f"{name}({type(cause).__name__})" if cause is not None else name
 
 
-async def _check_database(services: Services) -> dict[str, Any]:
-    result = await _ping_database(services)
-    embedded = services.extras.get("embedded_db")
-    if embedded is not None:
-        # Why the database is down, when it is ours: "restarting", and how often it was.
-        result["embedded"] = embedded.health()
-    return result
-
-
 async def _ping_database(services: Services) -> dict[str, Any]:
     try:
         latency = await services.db.ping(timeout=_DB_CHECK_TIMEOUT_S)
@@ -85,19 +76,79 @@ def _check_component(services: Services, name: str) -> dict[str, Any]:
     return component.health()  # type: ignore[no-any-return]
 
 
+class DatabaseProbe:
+    """The database and migration checks of ``/readyz``, one run at a time, bounded for callers.
+
+    asyncpg cannot abandon a query to a server that has stopped answering (a frozen host, a
+    SIGSTOP): cancelling it waits for the server. So the checks run in the server's background
+    nursery; a probe waits for them at most ``_DB_CHECK_TIMEOUT_S`` (plus a little) and otherwise
+    answers "no answer", and probes arriving meanwhile join the run in progress instead of
+    piling up more stuck queries.
+    """
+
+    def __init__(self, services: Services, nursery: trio.Nursery) -> None:
+        self._services = services
+        self._nursery = nursery
+        self._done: trio.Event | None = None
+        self._last: dict[str, dict[str, Any]] = {}
+
+    async def check(self) -> dict[str, dict[str, Any]]:
+        """``{"database": ..., "migrations": ...}`` within the time limit."""
+        if self._done is None:
+            self._done = trio.Event()
+            self._nursery.start_soon(self._run, self._done)
+        done = self._done
+        with trio.move_on_after(_DB_CHECK_TIMEOUT_S + 0.25):
+            await done.wait()
+            return self._last
+        silent = f"no answer within {_DB_CHECK_TIMEOUT_S}s"
+        head = self._services.head_revision
+        return {
+            "database": self._with_embedded({"ok": False, "error": silent}),
+            "migrations": {"ok": False, "current": None, "head": head, "error": silent},
+        }
+
+    async def _run(self, done: trio.Event) -> None:
+        found: dict[str, dict[str, Any]] = {}
+
+        async def run(name: str, check: Callable[[Services], Awaitable[dict[str, Any]]]) -> None:
+            found[name] = await check(self._services)
+
+        try:
+            # Concurrently: a database that does not answer costs one time limit, not two.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, "database", _ping_database)
+                nursery.start_soon(run, "migrations", _check_migrations)
+            found["database"] = self._with_embedded(found["database"])
+            self._last = found
+        finally:
+            self._done = None
+            done.set()
+
+    def _with_embedded(self, result: dict[str, Any]) -> dict[str, Any]:
+        embedded = self._services.extras.get("embedded_db")
+        if embedded is not None:
+            # Why the database is down, when it is ours: "restarting", and how often it was.
+            result["embedded"] = embedded.health()
+        return result
+
+
+async def _database_checks(services: Services) -> dict[str, dict[str, Any]]:
+    probe = services.extras.get("db_probe")
+    if probe is None:
+        background = services.extras.get("background")
+        if background is None:  # no server nursery (a bare app in a test): check inline
+            async with trio.open_nursery() as nursery:
+                return await DatabaseProbe(services, nursery).check()
+        probe = services.extras["db_probe"] = DatabaseProbe(services, background)
+    return await probe.check()  # type: ignore[no-any-return]
+
+
 @blueprint.get("/readyz")
 async def readyz() -> tuple[Response, int]:
     """Readiness: database, schema revision, actors and cluster gate it; the LLM is reported."""
     services = _services()
-    found: dict[str, dict[str, Any]] = {}
-
-    async def run(name: str, check: Callable[[Services], Awaitable[dict[str, Any]]]) -> None:
-        found[name] = await check(services)
-
-    # Concurrently: a database that does not answer costs one time limit, not two.
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, "database", _check_database)
-        nursery.start_soon(run, "migrations", _check_migrations)
+    found = await _database_checks(services)
     checks = {
         "database": found["database"],
         "migrations": found["migrations"],

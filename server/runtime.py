@@ -102,7 +102,7 @@ async def open_server(
         if embedded is not None:
             watchers.start_soon(embedded.supervise)
         try:
-            async with _open_server(settings, dsn, bind, embedded) as running:
+            async with _open_server(settings, dsn, bind, embedded, watchers) as running:
                 yield running
         finally:
             watchers.cancel_scope.cancel()
@@ -110,7 +110,11 @@ async def open_server(
 
 @contextlib.asynccontextmanager
 async def _open_server(
-    settings: Settings, dsn: str, bind: str | None, embedded: EmbeddedPostgres | None
+    settings: Settings,
+    dsn: str,
+    bind: str | None,
+    embedded: EmbeddedPostgres | None,
+    background: trio.Nursery,
 ) -> AsyncIterator[RunningServer]:
     async with Database.connect(
         dsn,
@@ -121,6 +125,8 @@ async def _open_server(
     ) as db:
         await db.fetchval("UPDATE installation SET single_user = $1", settings.single_user)
         services = Services(settings=settings, db=db, head_revision=migrate.head_revision())
+        # Work that must not hold a request (the readiness probe's database checks).
+        services.extras["background"] = background
         if embedded is not None:
             services.extras["embedded_db"] = embedded
         # Plugins start before HTTP and stop after it: actors outlive their transports.
