@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
-# Threadline: two stages. `build` installs the package and its dependencies into a virtualenv;
-# the runtime stage copies only that virtualenv onto a slim Python and runs as a non-root user.
+# Threadline: three stages. `web` builds the web client (web/, Vite) from the committed lock
+# file; `build` puts that build into the Python package (server/webdist) and installs the package
+# and its dependencies into a virtualenv; the runtime stage copies only that virtualenv onto a
+# slim Python and runs as a non-root user.
 # Configuration comes from THREADLINE_* environment variables at run time: no secret is ever
 # written into an image layer (see .dockerignore and docs/operations.md).
 #
@@ -10,6 +12,17 @@
 #     -e THREADLINE_DATABASE_URL=postgresql://... threadline
 
 ARG PYTHON_VERSION=3.11
+ARG NODE_VERSION=20
+
+FROM node:${NODE_VERSION}-bookworm-slim AS web
+WORKDIR /src/web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY web/index.html web/vite.config.ts web/tsconfig.json ./
+COPY web/public ./public
+COPY web/src ./src
+# vite.config.ts writes the build to ../server/webdist, i.e. /src/server/webdist.
+RUN npm run build && test -f /src/server/webdist/index.html
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -22,6 +35,8 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY actors ./actors
 COPY migrations ./migrations
+# The built client is package data of `server` (pyproject.toml), so the wheel carries it.
+COPY --from=web /src/server/webdist ./server/webdist
 RUN /opt/threadline/bin/pip install --upgrade pip wheel \
  && /opt/threadline/bin/pip wheel --no-deps --wheel-dir /wheels . \
  && /opt/threadline/bin/pip install /wheels/*.whl
@@ -30,7 +45,8 @@ RUN /opt/threadline/bin/pip install --upgrade pip wheel \
 RUN site="$(/opt/threadline/bin/python -c 'import pathlib, server; print(pathlib.Path(server.__file__).parent.parent)')" \
  && cp -r migrations "$site/migrations" \
  && find "$site/migrations" -name '__pycache__' -prune -exec rm -rf {} + \
- && /opt/threadline/bin/python -c 'from server import migrate; assert migrate.MIGRATIONS_DIR.is_dir(); print("head", migrate.head_revision())'
+ && /opt/threadline/bin/python -c 'from server import migrate; assert migrate.MIGRATIONS_DIR.is_dir(); print("head", migrate.head_revision())' \
+ && /opt/threadline/bin/python -c 'from server import webui; assert (webui.DIST_DIR / "index.html").is_file(), "web client missing from the wheel"'
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="threadline" \

@@ -4,9 +4,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tools run test lint typecheck pytest loadtest bench soak clean
+.PHONY: setup tools browser run test lint typecheck webcheck pytest loadtest bench soak clean
 
-setup: $(STAMP)
+# The web client (web/): node modules from the committed lock file, built by Vite into
+# server/webdist, which the Python package ships and `threadline serve` serves at /.
+WEB_STAMP := web/node_modules/.installed
+WEB_DIST := server/webdist/index.html
+WEB_SOURCES := $(shell find web/src web/public -type f 2>/dev/null) web/index.html web/vite.config.ts web/tsconfig.json
+
+setup: $(STAMP) $(WEB_DIST)
+
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $(WEB_STAMP)
+
+$(WEB_DIST): $(WEB_STAMP) $(WEB_SOURCES)
+	cd web && npm run build
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -35,10 +48,30 @@ tools:
 	    echo "tools: could not install promtool; its tests will be skipped"; \
 	  else echo "tools: promtool not found; its tests will be skipped"; fi; }
 
-pytest: setup tools
+# Debian's chromium drives the browser tests (tests/web); Playwright cannot download its own
+# browser here. Installed when missing, as root; without it the suite cannot pass: fail loudly.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	  fi; \
+	  command -v chromium >/dev/null 2>&1 || { \
+	    echo "browser: Debian's chromium is required by tests/web and could not be installed (apt-get install chromium, as root)" >&2; \
+	    exit 1; }; }
+
+# The client: API types match the server's OpenAPI document, tsc, eslint (React hooks rules), vitest.
+webcheck: setup
+	cd web && PYTHON=$(abspath $(BIN)/python) npm run check:api
+	cd web && npm run typecheck
+	cd web && npm run lint
+	cd web && npm test
+
+pytest: setup tools browser
 	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=85
 
-test: lint typecheck pytest
+test: lint typecheck webcheck pytest
 
 loadtest: setup
 	$(BIN)/python loadtests/run_locust.py
@@ -53,4 +86,4 @@ soak: setup
 	$(BIN)/python loadtests/ws_fuzz.py --rounds 30
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage web/node_modules server/webdist

@@ -14,7 +14,7 @@ from quart.typing import ResponseTypes
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from server import metrics, openapi, tracing
+from server import metrics, openapi, tracing, webui
 from server.api import messages as messages_api
 from server.api import projects as projects_api
 from server.api import threads as threads_api
@@ -164,4 +164,6 @@ def create_app(services: Services) -> QuartTrio:
         app.register_blueprint(resource.blueprint)
     for register in services.extras.get("blueprints", []):
         register(app)
+    # Last: the web client at / with its fallback routes, and the security headers.
+    webui.register(app, services.settings.web_dir)
     return app

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     node_id: str = Field(default_factory=default_node_id)
     node_timeout_s: float = Field(default=15.0, ge=0.5, le=3600)
 
+    # The built web client (server/webdist, from web/ by `make setup`); another directory here.
+    web_dir: Path | None = None
+
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -252,8 +252,8 @@ def _paths(doc: _Doc) -> dict[str, Any]:
     }
 
 
-def _auth_paths() -> dict[str, Any]:
-    """The authentication endpoints (server/api/auth.py), documented loosely."""
+def _auth_paths(doc: _Doc) -> dict[str, Any]:
+    """The authentication endpoints (server/api/auth.py)."""
     credentials = {
         "required": True,
         "content": {
@@ -271,14 +271,14 @@ def _auth_paths() -> dict[str, Any]:
         "description": "error envelope",
         "content": {"application/json": {"schema": error}},
     }
-    obj = {"content": {"application/json": {"schema": {"type": "object"}}}}
+    user = _json(doc.ref(out.UserEnvelope), "{user}")
     return {
         "/api/v1/auth/register": {
             "post": {
                 "summary": "Register",
                 "security": [],
                 "requestBody": credentials,
-                "responses": {"201": {"description": "{user}", **obj}, "default": default},
+                "responses": {"201": user, "default": default},
             }
         },
         "/api/v1/auth/login": {
@@ -287,7 +287,7 @@ def _auth_paths() -> dict[str, Any]:
                 "security": [],
                 "requestBody": credentials,
                 "responses": {
-                    "200": {"description": "{user, access_token, csrf_token}", **obj},
+                    "200": _json(doc.ref(out.LoginResult), "{user, access_token, csrf_token}"),
                     "default": default,
                 },
             }
@@ -296,6 +296,12 @@ def _auth_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Log out (the token is revoked server-side)",
                 "responses": {"204": {"description": "logged out"}, "default": default},
+            }
+        },
+        "/api/v1/auth/me": {
+            "get": {
+                "summary": "The authenticated user (lets a client check its session)",
+                "responses": {"200": user, "default": default},
             }
         },
     }
@@ -322,6 +328,7 @@ _OPERATION_IDS = {
     ("post", "/api/v1/auth/register"): "register",
     ("post", "/api/v1/auth/login"): "login",
     ("post", "/api/v1/auth/logout"): "logout",
+    ("get", "/api/v1/auth/me"): "me",
 }
 
 
@@ -341,7 +348,7 @@ def openapi_document() -> dict[str, Any]:
     """The whole document (built once; it depends only on code)."""
     doc = _Doc()
     paths = _paths(doc)
-    paths.update(_auth_paths())
+    paths.update(_auth_paths(doc))
     _name_operations(paths)
     return {
         "openapi": "3.1.0",

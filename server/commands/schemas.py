@@ -117,6 +117,27 @@ class HistoryPage(Resource):
     next_cursor: str | None
 
 
+class User(Resource):
+    """An account as its owner sees it."""
+
+    id: str
+    email: str
+
+
+class UserEnvelope(Resource):
+    """``{"user": ...}`` (register, me)."""
+
+    user: User
+
+
+class LoginResult(Resource):
+    """A login: the user, the access token (also set as ``tl_session``) and the CSRF token."""
+
+    user: User
+    access_token: str
+    csrf_token: str
+
+
 class ErrorBody(Resource):
     """What went wrong: a stable snake_case ``code``, a message for a person, and details."""
 

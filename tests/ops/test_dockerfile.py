@@ -48,16 +48,37 @@ def stages() -> list[list[tuple[str, str]]]:
     return found
 
 
+def stage_named(name: str) -> list[tuple[str, str]]:
+    for stage in stages():
+        found = re.search(r"\bAS\s+(\S+)", stage[0][1], re.IGNORECASE)
+        if found is not None and found[1] == name:
+            return stage
+    raise AssertionError(f"no stage named {name}")
+
+
 def test_it_is_multi_stage_and_the_runtime_copies_only_the_build_output() -> None:
     all_stages = stages()
     assert len(all_stages) >= 2
-    names = [re.search(r"\bAS\s+(\S+)", s[0][1], re.IGNORECASE) for s in all_stages]
-    assert names[0] is not None, "the build stage needs a name"
+    stage_named("build")
     runtime = all_stages[-1]
     assert "slim" in runtime[0][1]
     copies = [args for op, args in runtime if op == "COPY"]
-    assert copies and all(args.startswith(f"--from={names[0][1]}") for args in copies), copies
+    assert copies and all(args.startswith("--from=build") for args in copies), copies
     assert not [op for op, _ in runtime if op == "ADD"]
+
+
+def test_a_node_stage_builds_the_web_client_into_the_package() -> None:
+    web = stage_named("web")
+    assert web[0][1].startswith("node:")
+    runs = " ".join(args for op, args in web if op == "RUN")
+    assert "npm ci" in runs and "npm run build" in runs, "lock-file install, then the build"
+    sources = [args.split()[0] for op, args in web if op == "COPY"]
+    assert "web/package-lock.json" in " ".join(args for op, args in web if op == "COPY")
+    assert "web/node_modules" not in sources
+    build = stage_named("build")
+    copied = [args for op, args in build if op == "COPY" and args.startswith("--from=web")]
+    assert copied and copied[0].split()[-1] == "./server/webdist", copied
+    assert "webui.DIST_DIR" in " ".join(args for op, args in build if op == "RUN")
 
 
 def test_it_runs_as_a_non_root_user() -> None:
@@ -92,7 +113,7 @@ def test_it_listens_on_all_interfaces_and_keeps_data_on_a_volume() -> None:
 
 
 def test_migrations_are_shipped_next_to_the_server_package() -> None:
-    build = stages()[0]
+    build = stage_named("build")
     assert any(op == "COPY" and args.split()[0] == "migrations" for op, args in build)
     runs = " ".join(args for op, args in build if op == "RUN")
     assert "server.__file__" in runs and "migrations" in runs
@@ -121,6 +142,8 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context() -> None
     ]
     for path in (".env", ".env.production", ".venv", ".git", ".threadline", "loadtests/out"):
         assert _ignored(patterns, path), path
-    for needed in ("server", "actors", "migrations", "pyproject.toml", "README.md"):
+    for path in ("web/node_modules", "server/webdist"):
+        assert _ignored(patterns, path), path
+    for needed in ("server", "actors", "migrations", "pyproject.toml", "README.md", "web"):
         assert not _ignored(patterns, needed), needed
     assert not any(p.startswith("!") for p in patterns), "no re-inclusion exceptions"
