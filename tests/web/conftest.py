@@ -48,7 +48,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(args: list[str], env: dict[str, str], banner: bytes) -> tuple[subprocess.Popen[bytes], str]:
+def _start(
+    args: list[str], env: dict[str, str], banner: bytes
+) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", *args],
         env=env,
@@ -147,9 +149,7 @@ def stack(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
         THREADLINE_GRACEFUL_TIMEOUT_S="3",
     )
     try:
-        server_proc, url = _start(
-            ["serve", "--port", str(port)], env, b"threadline: serving on"
-        )
+        server_proc, url = _start(["serve", "--port", str(port)], env, b"threadline: serving on")
     except BaseException:
         _stop(llm_proc)
         raise
@@ -165,7 +165,9 @@ def stack(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(executable).exists():
-        pytest.fail("Debian's chromium is needed (`make test` installs it: apt-get install chromium)")
+        pytest.fail(
+            "Debian's chromium is needed; `make test` installs it (apt-get install chromium)"
+        )
     # trio-asyncio installs its own event-loop policy; Playwright's sync API needs a plain
     # asyncio loop of its own, made here under the default policy (the old one is put back).
     policy = asyncio.get_event_loop_policy()
