@@ -59,7 +59,7 @@ async def test_the_server_echoes_a_child_traceparent_and_logs_the_trace(
     request_id = "trace-test-" + uuid.uuid4().hex
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         response = await client.get(
-            "/no/such/route", headers={"traceparent": VALID, "X-Request-ID": request_id}
+            "/api/v1/no/such/route", headers={"traceparent": VALID, "X-Request-ID": request_id}
         )
     assert response.status_code == 404
     echoed = parse_traceparent(response.headers["traceparent"])
@@ -76,14 +76,16 @@ async def test_the_server_echoes_a_child_traceparent_and_logs_the_trace(
 
 async def test_an_invalid_traceparent_is_ignored_by_the_server(client: httpx.AsyncClient) -> None:
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-        response = await client.get("/no/such/route", headers={"traceparent": "00-xyz-abc-01"})
+        response = await client.get(
+            "/api/v1/no/such/route", headers={"traceparent": "00-xyz-abc-01"}
+        )
     assert response.status_code == 404
     assert "traceparent" not in response.headers
     assert logs and all("trace_id" not in line for line in logs)
     # Trace context does not leak from one request into the next on a kept-alive connection.
-    await client.get("/no/such/route", headers={"traceparent": VALID})
+    await client.get("/api/v1/no/such/route", headers={"traceparent": VALID})
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
-        await client.get("/no/such/route")
+        await client.get("/api/v1/no/such/route")
     assert logs and all("trace_id" not in line for line in logs)
 
 
@@ -94,7 +96,7 @@ async def test_every_log_line_of_a_request_carries_its_request_id(
     sent: list[str] = []
     with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
         for path, method, body in [
-            ("/no/such/route", "GET", None),
+            ("/api/v1/no/such/route", "GET", None),
             ("/api/v1/auth/register", "POST", {"email": "x", "password": "short"}),
             ("/api/v1/auth/login", "POST", {"email": "nobody@example.com", "password": "wrong!"}),
             ("/api/v1/projects", "GET", None),

@@ -41,7 +41,7 @@ async def test_request_id_is_kept_or_made(client: httpx.AsyncClient) -> None:
 
 
 async def test_unknown_route_gets_the_error_envelope(client: httpx.AsyncClient) -> None:
-    response = await client.get("/no/such/thing")
+    response = await client.get("/api/v1/no/such/thing")  # other GET paths are the web client's
     assert response.status_code == 404
     error = response.json()["error"]
     assert error["code"] == "not_found"

@@ -185,9 +185,32 @@ def browser() -> Iterator[Browser]:
         try:
             yield browser
         finally:
+            if _PLAYWRIGHT_LOOP:
+                asyncio._set_running_loop(_PLAYWRIGHT_LOOP[0])
             browser.close()
     finally:
         manager.__exit__(None, None, None)
+        asyncio._set_running_loop(None)
+
+
+_PLAYWRIGHT_LOOP: list[asyncio.AbstractEventLoop] = []
+
+
+@pytest.fixture(autouse=True)
+def _lend_the_asyncio_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Playwright's sync API keeps its loop marked as this thread's running loop between calls
+    (and needs it so). Between browser tests the mark is lifted, so trio-asyncio tests running
+    meanwhile in this process find none, and put back for the next browser test."""
+    if "browser" not in request.fixturenames:
+        yield
+        return
+    if _PLAYWRIGHT_LOOP:
+        asyncio._set_running_loop(_PLAYWRIGHT_LOOP[0])
+    yield
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        _PLAYWRIGHT_LOOP[:] = [loop]
+        asyncio._set_running_loop(None)
 
 
 @pytest.fixture

@@ -26,6 +26,23 @@ export function Dialog({
     <dialog
       ref={ref}
       aria-labelledby="dialog-title"
+      onKeyDown={(e) => {
+        // Tab cycles inside the dialog instead of leaving it for the browser's own UI.
+        if (e.key !== "Tab" || !ref.current) return;
+        const items = [...ref.current.querySelectorAll<HTMLElement>("button, input, textarea, select")].filter(
+          (el) => !el.hasAttribute("disabled"),
+        );
+        const first = items[0];
+        const last = items[items.length - 1];
+        if (!first || !last) return;
+        if (e.shiftKey && document.activeElement === first) {
+          e.preventDefault();
+          last.focus();
+        } else if (!e.shiftKey && document.activeElement === last) {
+          e.preventDefault();
+          first.focus();
+        }
+      }}
       onCancel={(e) => {
         e.preventDefault();
         onClose();
