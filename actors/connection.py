@@ -1,33 +1,51 @@
-"""The connection actor: one per WebSocket, owning its reader, dispatcher, writer and heartbeat.
+"""The connection actor: one per WebSocket, owning its reader, dispatcher, heartbeat and writes.
 
 It knows nothing of HTTP frameworks: the transport (``server/ws.py``) hands it a ``Transport``,
 and the op layer (``server/wsops.py``) an ``OpHandler``.
 
 Nursery: ``run`` owns the connection's nursery; inside it a *work* scope holds the reader, the
-dispatcher, the writer and the heartbeat. Closing cancels the work scope, sends the close frame
-from its own task with a deadline (``close_timeout_s``) and aborts the TCP stream if the deadline
-passes (a client that stopped reading cannot hold the close up, nor anything else).
+dispatcher and the heartbeat. Closing cancels the work scope, lets the frames already queued go
+out, then sends the close frame, all within ``close_timeout_s``; past that the TCP stream is
+aborted (a client that stopped reading cannot hold the close up, nor anything else).
+
+Writing (the hot path of fan-out). Frames arrive as ``Frame`` objects whose bytes are the
+complete WebSocket frame, built once per event by the thread actor and shared by every
+subscriber. ``offer`` writes them straight to the socket, synchronously, when nothing is queued
+and no other write holds the socket (``Transport.send_now``): no task wakes up per frame. Only
+when the kernel does not take a whole frame does the rest wait in the outbound queue, with the
+socket held (so no other frame, ping or close can interleave), and a writer task is started
+that waits for the socket to be writable and writes everything queued with one ``sendmsg``; it
+ends when the queue is empty. A transport that cannot write directly (TLS, HTTP/2, tests) gets
+whole frames through ``Transport.send`` from the same writer task.
 
 Queues and their overflow actions:
 
-* outbound: ``trio.open_memory_channel(settings.ws_outbound_queue)`` (default 256 frames), filled
-  with ``send_nowait`` by thread actors and by the op replies. Full -> the client is a slow
-  consumer: close 4002 ``slow_consumer``. Only the writer awaits the client.
+* outbound: a deque bounded twice, by ``outbound_size`` frames (default 256) and by
+  ``outbound_bytes`` (default 1 MiB), counting the bytes queued plus the bytes of a frame the
+  kernel has not yet accepted; filled without waiting by thread actors and the op replies. A
+  frame that would take it over either bound closes the connection 4002 ``slow_consumer``
+  (a frame into an empty queue is always taken, so one frame larger than the byte bound does
+  not close a client that keeps up). A stalled client thus never pins much more than
+  ``outbound_bytes`` of server memory. Replay (``put``) waits for room instead.
 * inbound: ``trio.open_memory_channel(settings.ws_inbound_queue)`` (default 64 frames) between the
   reader and the dispatcher. Full -> the reader waits, so TCP back-pressure slows the client
   down; ops are still rate limited (and refused with ``rate_limited``) as they are read.
+
+Metrics are counted off the per-frame path: frames out are counted by the thread actor once per
+event, the queue depth is sampled when an op reply is queued and when the writer task starts.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 import trio
 
+from actors.frames import Frame, text_frame
 from actors.thread import DropReason
 from server import metrics
 
@@ -43,9 +61,8 @@ CLOSE_HEARTBEAT_TIMEOUT = 4003
 CLOSE_RATE_LIMITED = 4029
 CLOSE_TOKEN_EXPIRED = 4001  # not in the contract: the credential the socket opened with expired
 
-# A writer sends what has queued up in one write: at most this many frames / characters.
+# The writer hands at most this many queued frames to one sendmsg (IOV_MAX is 1024).
 _BATCH_FRAMES = 64
-_BATCH_CHARS = 256 * 1024
 
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INVALID_DATA = 1007
@@ -64,18 +81,54 @@ _DROP_CLOSE = {
 
 
 class TransportClosed(Exception):
-    """The peer is gone; raised by ``Transport.receive``/``send``."""
+    """The peer is gone; raised by ``Transport`` methods."""
 
 
 class Transport(Protocol):
-    """One WebSocket as the connection actor needs it."""
+    """One WebSocket as the connection actor needs it.
+
+    ``direct`` transports give the actor the socket itself: ``send_now``, ``hold``,
+    ``acquire``/``release``, ``send_some`` and ``wait_writable``. The socket has one send gate,
+    shared with the WebSocket server's own writes (pongs, its close frames); whoever writes
+    part of a frame keeps the gate until the frame is complete. Others implement ``send``.
+    """
+
+    direct: bool
 
     async def receive(self) -> str | bytes:
         """The next message; raises ``TransportClosed`` when the peer has gone."""
 
-    async def send(self, texts: Sequence[str]) -> None:
-        """Write these text frames, in order (in one write when it can). May block while the
-        client is not reading."""
+    def send_now(self, data: bytes) -> int:
+        """Write ``data`` now if the gate is free and the WebSocket open, without waiting.
+
+        Returns the number of bytes the kernel took (0 to ``len(data)``), or -1 when nothing
+        may be written now. Never checkpoints. Raises ``TransportClosed``.
+        """
+
+    def hold(self) -> None:
+        """Take the (free) gate without waiting: right after a partial ``send_now``."""
+
+    async def acquire(self) -> None:
+        """Wait for the gate."""
+
+    def release(self) -> None:
+        """Give the gate back."""
+
+    def can_start_frame(self) -> bool:
+        """Whether the WebSocket is still open for data frames."""
+
+    def send_some(self, chunks: Sequence[bytes | memoryview]) -> int:
+        """With the gate held: write what the kernel takes now; the number of bytes."""
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket can take more (raises ``TransportClosed``)."""
+
+    def abort_now(self) -> None:
+        """Drop the TCP stream at once (a frame was left half written)."""
+
+    async def send(self, frames: Sequence[Frame]) -> None:
+        """Write whole frames, in order, through the server's own path (not ``direct``).
+        May block while the client is not reading."""
 
     async def ping(self, payload: bytes) -> None:
         """Send a Ping frame. May block while the client is not reading."""
@@ -98,14 +151,6 @@ class OpHandler(Protocol):
 
     async def handle(self, conn: Connection, item: Any) -> None:
         """Execute one admitted op and queue exactly one reply."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutFrame:
-    """A frame queued for the writer; ``committed_at`` is set for events (delivery latency)."""
-
-    text: str
-    committed_at: float | None = None
 
 
 class Heartbeat:
@@ -165,6 +210,7 @@ class Connection:
         *,
         outbound_size: int,
         inbound_size: int,
+        outbound_bytes: int = 1 << 20,
         close_timeout_s: float = 2.0,
         expires_in_s: float | None = None,
     ) -> None:
@@ -174,7 +220,20 @@ class Connection:
         self.heartbeat = heartbeat
         self.close_timeout_s = close_timeout_s
         self.expires_in_s = expires_in_s
-        self._out_send, self._out_recv = trio.open_memory_channel[OutFrame](outbound_size)
+        self.outbound_size = outbound_size
+        self.outbound_bytes = outbound_bytes
+        # The outbound queue: frames not yet (wholly) written; the first may be partly written
+        # (``_offset`` bytes of it are in the kernel already). ``queued_bytes`` counts the rest.
+        self._queue: collections.deque[Frame] = collections.deque()
+        self._offset = 0
+        self.queued_bytes = 0
+        self._holding = False  # we hold the transport's send gate (a frame is half written)
+        self._writing = False  # the writer task is running
+        self._written = trio.Event()  # set when the writer task ends (the queue is empty)
+        self._written.set()
+        self._room: trio.Event | None = None  # a replay waiting for room in the queue
+        self._send_now = transport.send_now if transport.direct else None
+        self._nursery: trio.Nursery | None = None
         self._in_send, self._in_recv = trio.open_memory_channel[Any](inbound_size)
         self.subscriptions: set[str] = set()
         self.close_code: int | None = None
@@ -191,23 +250,56 @@ class Connection:
 
     # -- Subscriber ------------------------------------------------------------------------------
 
-    def offer(self, frame: str, committed_at: float | None) -> bool:
-        """Queue an event frame without waiting; False (and close 4002) if the queue is full."""
+    def offer(self, frame: Frame) -> bool:
+        """Write or queue ``frame`` without waiting; False (and close 4002) when over a bound.
+
+        Never checkpoints: called from thread actors inside their loop over subscribers.
+        """
         if self.close_code is not None:
             return True  # closing: nothing more goes out, but this is not the sender's fault
-        try:
-            self._out_send.send_nowait(OutFrame(frame, committed_at))
-        except trio.WouldBlock:
-            self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
-            return False
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return True
-        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(self._out_recv.statistics().current_buffer_used)
+        queue = self._queue
+        if queue or self._writing:  # frames are waiting: this one waits behind them, if it fits
+            if len(queue) >= self.outbound_size or (
+                self.queued_bytes + len(frame.data) > self.outbound_bytes
+            ):
+                self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
+                return False
+        else:
+            send_now = self._send_now
+            if send_now is not None and self._nursery is not None:
+                data = frame.data
+                try:
+                    written = send_now(data)
+                except TransportClosed:
+                    self._peer_gone()
+                    self._close_requested.set()
+                    return True
+                if written == len(data):
+                    return True
+                if written >= 0:  # partly written: keep the socket until the rest is out
+                    self.transport.hold()
+                    self._holding = True
+                    self._offset = written
+                    self.queued_bytes = len(data) - written
+                    queue.append(frame)
+                    self._start_writer()
+                    return True
+        queue.append(frame)
+        self.queued_bytes += len(frame.data)
+        self._start_writer()
         return True
 
-    async def put(self, frame: str) -> None:
+    async def put(self, frame: Frame) -> None:
         """Queue a frame, waiting for room (replays, from this connection's own task)."""
-        await self._out_send.send(OutFrame(frame))
+        while self._queue and (
+            len(self._queue) >= self.outbound_size
+            or self.queued_bytes + len(frame.data) > self.outbound_bytes
+        ):
+            if self.close_code is not None:
+                return
+            self._room = room = trio.Event()
+            await room.wait()
+        self.offer(frame)
 
     def dropped(self, thread_id: str, reason: DropReason) -> None:
         """A thread actor removed us; the connection cannot go on without that thread's events."""
@@ -219,8 +311,100 @@ class Connection:
 
     def send_frame(self, text: str) -> None:
         """Queue a reply frame; a full queue closes the connection 4002 (never waits)."""
-        if not self.offer(text, None):
+        # Replies are few next to events: a fair place to sample the queue's depth.
+        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue))
+        if not self.offer(text_frame(text)):
             log.info("ws.reply_dropped")
+        else:
+            metrics.WS_FRAMES_OUT.inc()
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _start_writer(self) -> None:
+        if self._writing or self._nursery is None:
+            return
+        self._writing = True
+        self._written = trio.Event()
+        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue))
+        self._nursery.start_soon(self._write_direct if self._send_now else self._write_frames)
+
+    def _consume(self, written: int) -> None:
+        """``written`` bytes of the queue's head frames went to the kernel."""
+        self.queued_bytes -= written
+        queue = self._queue
+        offset = self._offset + written
+        while queue and offset >= len(queue[0].data):
+            offset -= len(queue.popleft().data)
+        self._offset = offset
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    def _discard(self) -> None:
+        self._queue.clear()
+        self._offset = 0
+        self.queued_bytes = 0
+        if self._room is not None:
+            self._room.set()
+            self._room = None
+
+    async def _write_direct(self) -> None:
+        """Write the queue out as the socket takes it; the socket's gate is held meanwhile."""
+        transport = self.transport
+        queue = self._queue
+        try:
+            if not self._holding:
+                await transport.acquire()
+                self._holding = True
+            while queue:
+                if not transport.can_start_frame():
+                    # The WebSocket is closing (a close frame waits for the gate): finish the
+                    # frame on the wire, if any, and drop the rest.
+                    if not self._offset:
+                        self._discard()
+                        break
+                    head = queue[0]
+                    self._queue = queue = collections.deque([head])
+                    self.queued_bytes = len(head.data) - self._offset
+                chunks: list[bytes | memoryview] = [memoryview(queue[0].data)[self._offset :]]
+                chunks += [f.data for f in itertools.islice(queue, 1, _BATCH_FRAMES)]
+                self._consume(transport.send_some(chunks))
+                if queue:
+                    await transport.wait_writable()
+        except TransportClosed:
+            self._discard()
+            self._peer_gone()
+            self._close_requested.set()
+        finally:
+            if self._holding:
+                self._holding = False
+                if self._offset:  # cancelled with a frame half written: the stream is unusable
+                    self._discard()
+                    transport.abort_now()
+                transport.release()
+            self._writing = False
+            self._written.set()
+
+    async def _write_frames(self) -> None:
+        """Write the queue out through ``Transport.send`` (transports that are not direct)."""
+        queue = self._queue
+        try:
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), _BATCH_FRAMES))]
+                try:
+                    await self.transport.send(batch)
+                finally:  # counted until the transport has taken them
+                    self.queued_bytes -= sum(len(f.data) for f in batch)
+                    if self._room is not None:
+                        self._room.set()
+                        self._room = None
+        except TransportClosed:
+            self._discard()
+            self._peer_gone()
+            self._close_requested.set()
+        finally:
+            self._writing = False
+            self._written.set()
 
     # -- closing -----------------------------------------------------------------------------------
 
@@ -258,6 +442,9 @@ class Connection:
         structlog.contextvars.bind_contextvars(connection_id=self.id)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._queue:
+                    self._start_writer()
                 work = trio.CancelScope()
                 nursery.start_soon(self._work, work, nursery)
                 await self._close_requested.wait()
@@ -266,20 +453,23 @@ class Connection:
                     await self._send_close(nursery)
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             self._peer_gone()
+            self._discard()
             metrics.WS_CONNECTIONS.dec()
             metrics.WS_DISCONNECTS.labels(reason=self.close_reason).inc()
             log.info("ws.closed", code=self.close_code, reason=self.close_reason)
-            self._out_recv.close()
             self._in_recv.close()
             self.closed.set()
 
     async def _send_close(self, nursery: trio.Nursery) -> None:
+        """The frames already queued, then the close frame; abort past ``close_timeout_s``."""
         assert self.close_code is not None and self.close_reason is not None
         sent = trio.Event()
 
         async def _close_frame(code: int, reason: str) -> None:
             try:
+                await self._written.wait()
                 await self.transport.close(code, reason)
             except TransportClosed:
                 pass
@@ -298,7 +488,6 @@ class Connection:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader)
                     nursery.start_soon(self._dispatcher)
-                    nursery.start_soon(self._writer)
                     if self.expires_in_s is not None:
                         nursery.start_soon(self._expire, self.expires_in_s)
                     nursery.start_soon(
@@ -317,9 +506,10 @@ class Connection:
         self.close(CLOSE_TOKEN_EXPIRED, "token_expired")
 
     async def _reader(self) -> None:
+        frames_in = metrics.WS_FRAMES.labels(direction="in")
         while True:
             raw = await self.transport.receive()
-            metrics.WS_FRAMES.labels(direction="in").inc()
+            frames_in.inc()
             item = self.handler.admit(self, raw)
             if item is not None:
                 await self._in_send.send(item)
@@ -327,23 +517,3 @@ class Connection:
     async def _dispatcher(self) -> None:
         async for item in self._in_recv:
             await self.handler.handle(self, item)
-
-    async def _writer(self) -> None:
-        """Drain the outbound queue; frames already waiting go out together in one write."""
-        out = metrics.WS_FRAMES.labels(direction="out")
-        async for first in self._out_recv:
-            batch = [first]
-            size = len(first.text)
-            while len(batch) < _BATCH_FRAMES and size < _BATCH_CHARS:
-                try:
-                    frame = self._out_recv.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                batch.append(frame)
-                size += len(frame.text)
-            await self.transport.send([frame.text for frame in batch])
-            out.inc(len(batch))
-            now = trio.current_time()
-            for frame in batch:
-                if frame.committed_at is not None:
-                    metrics.EVENT_DELIVERY.observe(now - frame.committed_at)

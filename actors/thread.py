@@ -17,9 +17,11 @@ the broker: it is read from the log); a durable seq already delivered is ignored
 event arriving both ways is delivered once. ``resync`` (the broker lost its connection) makes the
 actor re-read the log from its last seq before delivering anything newer.
 
-Fan-out never awaits a subscriber: each frame is serialised once and offered to every
-subscriber with ``send_nowait`` semantics (``Subscriber.offer``); a subscriber whose queue is
-full is dropped on the spot and told so (its connection closes 4002 ``slow_consumer``).
+Fan-out never awaits a subscriber: each event's WebSocket frame is built once (``encode``:
+JSON, UTF-8 and the frame header, see ``actors/frames.py``) and the same bytes are offered to
+every subscriber with ``send_nowait`` semantics (``Subscriber.offer``, which never
+checkpoints); a subscriber over its queue's bounds is dropped on the spot and told so (its
+connection closes 4002 ``slow_consumer``). Metrics are counted once per event, not per frame.
 
 Lifetime: started by the hub in the hub's nursery; stops by itself after
 ``thread_idle_timeout_s`` with no subscriber and no child running; stopping and leaving the hub's
@@ -38,6 +40,7 @@ from typing import Generic, Literal, Protocol, TypeVar
 import structlog
 import trio
 
+from actors.frames import Frame, text_frame
 from server import metrics
 from server.errors import Unavailable
 from server.events import ThreadEvent
@@ -51,10 +54,10 @@ DropReason = Literal["slow_consumer", "error", "shutdown"]
 class Subscriber(Protocol):
     """What a thread actor needs of a subscriber (a connection actor implements it)."""
 
-    def offer(self, frame: str, committed_at: float | None) -> bool:
-        """Queue ``frame`` without waiting; False if the subscriber's queue is full."""
+    def offer(self, frame: Frame) -> bool:
+        """Write or queue ``frame`` without waiting (no checkpoint); False if over its bounds."""
 
-    async def put(self, frame: str) -> None:
+    async def put(self, frame: Frame) -> None:
         """Queue ``frame``, waiting for room (used by the subscriber's own task for replay)."""
 
     def dropped(self, thread_id: str, reason: DropReason) -> None:
@@ -169,13 +172,14 @@ Message = (
 @dataclass(slots=True)
 class _SubState:
     live: bool = False
-    # Durable frames that arrived while the subscriber was replaying: (seq, frame, committed_at).
-    backlog: list[tuple[int, str, float]] = field(default_factory=list)
+    # Durable frames that arrived while the subscriber was replaying: (seq, frame).
+    backlog: list[tuple[int, Frame]] = field(default_factory=list)
 
 
-def encode(event: ThreadEvent) -> str:
-    """The event's wire frame, serialised once for every subscriber."""
-    return json.dumps(event.wire(), separators=(",", ":"), ensure_ascii=False)
+def encode(event: ThreadEvent) -> Frame:
+    """The event's WebSocket frame, built once for every subscriber."""
+    text = json.dumps(event.wire(), separators=(",", ":"), ensure_ascii=False)
+    return text_frame(text, event.committed_at)
 
 
 class ThreadActor:
@@ -377,10 +381,7 @@ class ThreadActor:
     async def _on_publish(self, event: ThreadEvent) -> None:
         if event.seq is None:
             self._track_inflight(event)
-            frame = encode(event)
-            for sub, state in list(self.subscribers.items()):
-                if state.live:
-                    self._offer(sub, frame, event.committed_at)
+            self._fan_out(encode(event))
             return
         if event.seq <= self.last_seq:
             return  # already delivered (or replayed from the log by a late subscriber)
@@ -405,14 +406,31 @@ class ThreadActor:
         assert event.seq is not None
         self.last_seq = event.seq
         self._track_inflight(event)
-        frame = encode(event)
-        for sub, state in list(self.subscribers.items()):
+        self._fan_out(encode(event), event.seq)
+
+    def _fan_out(self, frame: Frame, seq: int | None = None) -> None:
+        """Offer ``frame`` to every live subscriber (durable ones wait in a replaying
+        subscriber's backlog); count the frames and the delivery latency once."""
+        delivered = 0
+        dropped: list[Subscriber] = []
+        for sub, state in self.subscribers.items():
             if state.live:
-                self._offer(sub, frame, event.committed_at)
+                if sub.offer(frame):
+                    delivered += 1
+                else:
+                    dropped.append(sub)
+            elif seq is None:
+                continue
             elif len(state.backlog) >= self._backlog_limit:
-                self._drop(sub, "slow_consumer")
+                dropped.append(sub)
             else:
-                state.backlog.append((event.seq, frame, event.committed_at))
+                state.backlog.append((seq, frame))
+        for sub in dropped:
+            self._drop(sub, "slow_consumer")
+        if delivered:
+            metrics.WS_FRAMES_OUT.inc(delivered)
+            if frame.committed_at is not None:
+                metrics.EVENT_DELIVERY.observe(trio.current_time() - frame.committed_at)
 
     def _track_inflight(self, event: ThreadEvent) -> None:
         message_id = event.data.get("message_id")
@@ -435,8 +453,8 @@ class ThreadActor:
         if state is None:
             return False
         state.live = True
-        for seq, frame, committed_at in state.backlog:
-            if seq > replayed_upto and not self._offer(sub, frame, committed_at):
+        for seq, frame in state.backlog:
+            if seq > replayed_upto and not self._offer(sub, frame):
                 return False
         state.backlog.clear()
         for message_id, parts in self.inflight.items():
@@ -446,12 +464,13 @@ class ThreadActor:
                 seq=None,
                 data={"message_id": message_id, "text": "".join(parts)},
             )
-            if not self._offer(sub, encode(snapshot), None):
+            if not self._offer(sub, encode(snapshot)):
                 return False
         return True
 
-    def _offer(self, sub: Subscriber, frame: str, committed_at: float | None) -> bool:
-        if sub.offer(frame, committed_at):
+    def _offer(self, sub: Subscriber, frame: Frame) -> bool:
+        if sub.offer(frame):
+            metrics.WS_FRAMES_OUT.inc()
             return True
         self._drop(sub, "slow_consumer")
         return False

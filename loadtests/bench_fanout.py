@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,10 +122,14 @@ def fanout(
     ) as clients:
         clients.wait_ready(timeout_s=120 + n * 0.01)
         time.sleep(0.5)
+        profiler = profile(target, n, args)
         wall0, cpu0 = time.monotonic(), harness.cpu_seconds(target.pid)
         published_for = publish(target, events, rate, args.pad)
         results = clients.results(timeout_s=args.seconds + 60)
         wall, cpu = time.monotonic() - wall0, harness.cpu_seconds(target.pid) - cpu0
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+            profiler.wait(timeout=60)
     received = sum(r["received"] for r in results)
     latencies = [lat for r in results for lat in r["latencies"]]
     first = min((r["first_at"] for r in results if r["first_at"]), default=0.0)
@@ -154,6 +160,22 @@ def fanout(
         "publish_cpu_ms": round(per_publish_s * 1000, 2),
         "closes": closes,
     }
+
+
+def profile(target: Target, n: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+    """``--profile DIR``: py-spy the server through this phase into DIR (collapsed stacks)."""
+    if not args.profile:
+        return None
+    out = Path(args.profile) / f"{target.name}-{n}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            *(str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking"),
+            *("-r", "200", "-p", str(target.pid), "-f", "raw", "-o", str(out)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def idle_memory(target: Target, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -271,6 +293,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=0, help="idle connections for the RSS figure")
     parser.add_argument("--publish-events", type=int, default=100)
     parser.add_argument("--publish-rate", type=float, default=50.0)
+    parser.add_argument("--profile", help="py-spy each fan-out phase into this directory")
     parser.add_argument("--servers", nargs="+", default=["naive", "threadline"])
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for threadline (repeatable)"

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-IN_FLIGHT = 64
+IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,11 @@ def _int_after(payload: bytes, key: bytes) -> int | None:
     return int(payload[i:j]) if j > i else None
 
 
-def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> None:
+def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> int:
     """Connect, handshake and subscribe every connection (``IN_FLIGHT`` at a time)."""
     total = share.count + share.stalled
     started = 0
+    retries = 0
     busy = 0
     done = 0
     subscribe = masked(
@@ -132,7 +133,7 @@ def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> None:
     while done < total:
         while busy < IN_FLIGHT and started < total:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            stalled = started >= share.count
+            stalled = started >= share.count  # the stalled ones come last
             if stalled:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.setblocking(False)
@@ -161,6 +162,14 @@ def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> None:
                 if end < 0:
                     continue
                 status = bytes(conn.buf[:end]).split(b"\r\n", 1)[0]
+                if b" 503 " in status or b" 429 " in status:  # busy: try that one again
+                    ep.unregister(fd)
+                    conn.sock.close()
+                    del conns[fd]
+                    busy -= 1
+                    started -= 1
+                    retries += 1
+                    continue
                 if b" 101 " not in status:
                     raise ConnectionError(f"handshake refused: {status!r}")
                 del conn.buf[: end + 4]
@@ -174,7 +183,11 @@ def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> None:
                     if reply.get("op") != "reply":
                         continue
                     if not reply.get("ok"):
-                        raise ConnectionError(f"subscribe refused: {reply}")
+                        if reply["error"]["code"] not in ("unavailable", "rate_limited"):
+                            raise ConnectionError(f"subscribe refused: {reply}")
+                        conn.sock.send(subscribe)  # busy: ask again
+                        retries += 1
+                        break
                     conn.last_seq = reply["data"].get("last_seq")
                     conn.state = "live"
                     busy -= 1
@@ -182,14 +195,15 @@ def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> None:
                     if conn.stalled:
                         ep.unregister(fd)  # never read again
                     break
+    return retries
 
 
 def subscribers(share: Share, link: Any) -> None:
     """The body of one client process (see the module docstring)."""
     conns: dict[int, _Conn] = {}
     ep = select.epoll()
-    _open_all(share, conns, ep)
-    link.ready({"connections": len(conns)})
+    retries = _open_all(share, conns, ep)
+    link.ready({"connections": len(conns), "handshake_retries": retries})
     latencies: list[float] = []
     received = 0
     gaps = 0

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
 
     ws_max_message_bytes: int = Field(default=64 * 1024, ge=1024)
     ws_outbound_queue: int = Field(default=256, ge=1)
+    # Bytes queued plus bytes handed to the socket and not yet taken by the kernel (contract).
+    ws_outbound_queue_bytes: int = Field(default=1024 * 1024, ge=1024)
     ws_inbound_queue: int = Field(default=64, ge=1)
     heartbeat_interval_s: float = Field(default=20.0, gt=0)
     heartbeat_timeout_s: float = Field(default=10.0, gt=0)

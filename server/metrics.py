@@ -22,7 +22,8 @@ WS_DISCONNECTS = Counter(
 )
 WS_OUTBOUND_QUEUE_DEPTH = Histogram(
     "threadline_ws_outbound_queue_depth",
-    "Depth of a connection's outbound queue, sampled when a frame is queued.",
+    "Frames in a connection's outbound queue, sampled when an op reply is queued and when its "
+    "writer task starts (frames the kernel takes at once never queue).",
     buckets=_QUEUE_BUCKETS,
 )
 THREAD_ACTORS = Gauge("threadline_thread_actors", "Live thread actors.")
@@ -74,7 +75,8 @@ DB_EMBEDDED_RESTARTS = Counter(
 )
 EVENT_DELIVERY = Histogram(
     "threadline_event_delivery_seconds",
-    "Time from an event's commit to its frame being written to a client.",
+    "Time from an event's commit to its frame being handed to every subscriber's socket "
+    "(written, or queued behind earlier frames); one observation per event.",
     buckets=_LATENCY_BUCKETS,
 )
 CLUSTER_NODES = Gauge(
@@ -97,6 +99,8 @@ BROKER_LAG = Histogram(
 for _d in ("in", "out"):
     WS_FRAMES.labels(direction=_d)
     BROKER_MESSAGES.labels(direction=_d)
+# The labelled child the fan-out path counts with (once per event, not once per frame).
+WS_FRAMES_OUT = WS_FRAMES.labels(direction="out")
 for _t in ("http", "ws"):
     RATE_LIMITED.labels(transport=_t)
 for _k in ("prompt", "completion"):

@@ -29,6 +29,7 @@ from quart import Response, current_app, websocket
 from quart_trio import QuartTrio
 
 from actors.connection import CLOSE_GOING_AWAY, CLOSE_TOKEN_EXPIRED, Connection, Heartbeat
+from actors.frames import Frame
 from actors.hub import Hub
 from actors.supervisor import Supervisor
 from server import metrics, wsext
@@ -78,21 +79,61 @@ class Realtime:
 
 
 class QuartTransport:
-    """``actors.connection.Transport`` over Quart's websocket and our hypercorn extension."""
+    """``actors.connection.Transport`` over Quart's websocket and our hypercorn extension.
+
+    With a direct ``WSControl`` (HTTP/1.1, plain TCP) the connection actor writes frames to the
+    socket itself; the bound methods are copied onto this object so the hot path makes no
+    extra call. Otherwise frames go through hypercorn (``send_frames``) or, with no extension at
+    all, through Quart one by one.
+    """
 
     def __init__(self, ws: Any, control: wsext.WSControl | None) -> None:
         self._ws = ws
         self._control = control
+        self.direct = control is not None and control.direct
+        if control is not None and control.direct:
+            self.send_now = control.send_now  # type: ignore[method-assign]
+            self.hold = control.hold  # type: ignore[method-assign]
+            self.acquire = control.acquire  # type: ignore[method-assign]
+            self.release = control.release  # type: ignore[method-assign]
+            self.can_start_frame = control.can_start_frame  # type: ignore[method-assign]
+            self.send_some = control.send_some  # type: ignore[method-assign]
+            self.wait_writable = control.wait_writable  # type: ignore[method-assign]
+            self.abort_now = control.abort_now  # type: ignore[method-assign]
 
     async def receive(self) -> str | bytes:
         return await self._ws.receive()  # type: ignore[no-any-return]
 
-    async def send(self, texts: Sequence[str]) -> None:
+    def send_now(self, data: bytes) -> int:
+        return -1
+
+    def hold(self) -> None:
+        raise RuntimeError("not a direct transport")
+
+    async def acquire(self) -> None:
+        raise RuntimeError("not a direct transport")
+
+    def release(self) -> None:
+        raise RuntimeError("not a direct transport")
+
+    def can_start_frame(self) -> bool:
+        return False
+
+    def send_some(self, chunks: Sequence[bytes | memoryview]) -> int:
+        raise RuntimeError("not a direct transport")
+
+    async def wait_writable(self) -> None:
+        raise RuntimeError("not a direct transport")
+
+    def abort_now(self) -> None:
+        pass
+
+    async def send(self, frames: Sequence[Frame]) -> None:
         if self._control is not None:
-            await self._control.send_texts(texts)
+            await self._control.send_frames(frames)
         else:
-            for text in texts:
-                await self._ws.send(text)
+            for frame in frames:
+                await self._ws.send(frame.text())
 
     async def ping(self, payload: bytes) -> None:
         if self._control is not None:
@@ -152,6 +193,7 @@ async def ws_endpoint() -> Response | None:
         WSOps(services, realtime.hub, principal, client_ip, current_request_id()),
         heartbeat,
         outbound_size=settings.ws_outbound_queue,
+        outbound_bytes=settings.ws_outbound_queue_bytes,
         inbound_size=settings.ws_inbound_queue,
         close_timeout_s=CLOSE_TIMEOUT_S,
         expires_in_s=principal.expires_at - time.time(),

@@ -9,7 +9,8 @@ to a stalled client blocks forever and cannot be cancelled.
 What: ``install()`` wraps four methods, once per process:
 
 * ``TCPServer.run`` sets a context variable holding the ``TCPServer``; the ASGI app task is
-  spawned from that task, so it inherits the variable.
+  spawned from that task, so it inherits the variable, and replaces its send lock with the send gate
+  (see "Direct writes" below).
 * ``WSStream._accept`` (the ASGI ``websocket.accept``, which runs in the app task) puts a
   ``WSControl`` into ``scope["extensions"]["threadline"]`` -- the very dict the app's
   ``websocket.scope`` refers to.
@@ -18,8 +19,9 @@ What: ``install()`` wraps four methods, once per process:
   (not in ``_accept``: the reader may handle the first frames while the 101 is being sent).
 * ``WSStream._send_wsproto_event`` records the first close code the server sends.
 
-``WSControl`` offers ``send_texts(texts)`` (several frames in one write, the writer's batch),
-``ping(payload)`` (a real Ping frame through hypercorn's own send path),
+``WSControl`` offers direct writes of prebuilt frames to the socket (below),
+``send_frames(frames)`` (several frames in one write through hypercorn's own path, where direct
+writes are not possible), ``ping(payload)`` (a real Ping frame through hypercorn's own path),
 ``abort()`` (closes the TCP socket: every blocked ``send_all`` wakes with
 ``ClosedResourceError``, which hypercorn turns into a disconnect) and ``server_close_code``
 (1009 when hypercorn closed the stream itself for an oversized message, 1002/1007 for a protocol
@@ -27,6 +29,20 @@ violation). A protocol violation wsproto detects (reserved bits, bad opcodes, un
 invalid UTF-8, invalid close codes...) is answered with a close frame carrying its code (1002 or
 1007) before the TCP close; hypercorn alone would drop the stream without one. It also declines
 permessage-deflate (a fan-out server would otherwise compress every frame once per client).
+
+Direct writes (``WSControl.direct``: HTTP/1.1 over plain TCP). hypercorn writes every byte of a
+connection in ``TCPServer.protocol_send`` under ``TCPServer.send_lock``, one ``send_all`` at a
+time. ``TCPServer.run`` replaces that lock with a ``trio.Semaphore(1)`` (the same ``async with``
+use, but it may be taken and given back by different tasks): the connection's *send gate*. The
+connection actor writes a frame straight to the socket (``send_now``: a synchronous,
+non-blocking ``socket.send``, no checkpoint) only while the gate is free, so it never
+interleaves with a ``send_all`` hypercorn has under way; when the kernel takes only part of a
+frame, the actor takes the gate at once (``hold``, still no checkpoint) and keeps it until the
+frame is complete, so hypercorn's pongs and close frames queue behind it. Data frames are
+written only while wsproto's state is OPEN (a close frame hypercorn is about to send moves it to
+LOCAL_CLOSING first), so nothing follows a close frame. The frames are built by
+``actors/frames.py``; with no extension negotiated, wsproto would produce the same bytes.
+Over TLS or HTTP/2 the stream is not the socket, and ``direct`` is False.
 
 Over HTTP/2 (RFC 8441 WebSockets) ``abort`` drops the whole TCP connection, every stream on it;
 browsers open WebSockets over HTTP/1.1, and hypercorn serves those one per connection.
@@ -39,6 +55,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import socket
 from collections.abc import Callable, Generator, Sequence
 from importlib.metadata import version
 from typing import Any
@@ -46,10 +63,13 @@ from typing import Any
 import trio
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Data
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Event, Ping, Pong, TextMessage
-from wsproto.utilities import LocalProtocolError
+from wsproto.events import CloseConnection, Event, Ping, Pong
+
+from actors.connection import TransportClosed
+from actors.frames import Frame
 
 SUPPORTED = ("0.18.",)
 EXTENSION_KEY = "threadline"
@@ -73,6 +93,81 @@ class WSControl:
         self.on_server_close: Callable[[int], None] = lambda code: None
         self.pongs = 0
         self.server_close_code: int | None = None
+        self._gate: trio.Semaphore | None = None
+        self._sock: socket.socket | None = None
+        if tcp is not None and isinstance(getattr(tcp, "send_lock", None), trio.Semaphore):
+            protocol = getattr(getattr(tcp, "protocol", None), "protocol", None)
+            trio_sock = getattr(tcp.stream, "socket", None)  # a SocketStream: plain TCP
+            raw = getattr(trio_sock, "_sock", None)
+            if isinstance(protocol, H11Protocol) and isinstance(raw, socket.socket):
+                self._gate = tcp.send_lock
+                self._sock = raw
+        self.direct = self._sock is not None
+
+    # -- direct writes (see the module docstring) ----------------------------------------------
+
+    def _open(self) -> bool:
+        stream = self._stream
+        return (
+            stream.state is ws_stream.ASGIWebsocketState.CONNECTED
+            and not stream.closed
+            and stream.connection.state is ConnectionState.OPEN
+        )
+
+    def send_now(self, data: bytes) -> int:
+        """Write now if the gate is free and the WebSocket open: bytes taken, or -1."""
+        gate = self._gate
+        assert gate is not None and self._sock is not None
+        if gate.value == 0 or not self._open():
+            return -1
+        try:
+            return self._sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise TransportClosed(str(exc)) from None
+
+    def hold(self) -> None:
+        """Take the free gate without waiting."""
+        assert self._gate is not None
+        self._gate.acquire_nowait()
+
+    async def acquire(self) -> None:
+        """Wait for the gate."""
+        assert self._gate is not None
+        await self._gate.acquire()
+
+    def release(self) -> None:
+        """Give the gate back."""
+        assert self._gate is not None
+        self._gate.release()
+
+    def can_start_frame(self) -> bool:
+        """Whether data frames may still be written (wsproto OPEN, stream connected)."""
+        return self._open()
+
+    def send_some(self, chunks: Sequence[bytes | memoryview]) -> int:
+        """With the gate held: one non-blocking ``sendmsg``; the bytes the kernel took."""
+        assert self._sock is not None
+        try:
+            return self._sock.sendmsg(chunks)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise TransportClosed(str(exc)) from None
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket can take more."""
+        assert self._sock is not None
+        try:
+            await trio.lowlevel.wait_writable(self._sock)
+        except (trio.ClosedResourceError, OSError, ValueError) as exc:
+            raise TransportClosed(str(exc)) from None
+
+    def abort_now(self) -> None:
+        """Close the socket at once (synchronously); blocked readers and writers wake."""
+        if self._tcp is not None:
+            self._tcp.stream.socket.close()
 
     def _pong(self, payload: bytes) -> None:
         self.pongs += 1
@@ -82,18 +177,14 @@ class WSControl:
         """Send a Ping frame. Blocks (uncancellably) while the client's socket is full."""
         await self._stream._send_wsproto_event(Ping(payload=payload))
 
-    async def send_texts(self, texts: Sequence[str]) -> None:
-        """Write text frames, in order, in a single write (what ``websocket.send`` does per frame).
-
-        Like hypercorn's own ``app_send``, does nothing once the stream is closed or closing.
-        """
+    async def send_frames(self, frames: Sequence[Frame]) -> None:
+        """Write prebuilt frames, in order, in one write through hypercorn's own send path
+        (over HTTP/1.1 the bytes go to the stream as they are; where direct writes are not
+        possible, such as TLS). Does nothing once the WebSocket is closing."""
         stream = self._stream
-        if stream.closed or stream.state is not ws_stream.ASGIWebsocketState.CONNECTED:
+        if not self._open():
             return
-        try:
-            data = b"".join(stream.connection.send(TextMessage(data=text)) for text in texts)
-        except LocalProtocolError:
-            return  # the WebSocket is closing
+        data = b"".join(frame.data for frame in frames)
         await stream.send(Data(stream_id=stream.stream_id, data=data))
 
     async def abort(self) -> None:
@@ -146,6 +237,9 @@ def install() -> None:
     @functools.wraps(original_run)
     async def run(self: Any) -> None:
         _tcp_server.set(self)
+        # The send gate: used exactly as the lock it replaces, and also by WSControl's direct
+        # writes, which may take it in one task and give it back in another.
+        self.send_lock = trio.Semaphore(1)
         await original_run(self)
 
     @functools.wraps(original_accept)

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from actors.frames import Frame
 from actors.hub import Hub
 from actors.thread import DropReason, Reply, Subscribe
 from server.errors import Unavailable
@@ -47,17 +48,19 @@ class Sub:
     def __init__(self, size: int = 1000) -> None:
         self.size = size
         self.frames: list[dict[str, Any]] = []
+        self.raw: list[Frame] = []
         self.drops: list[DropReason] = []
 
-    def offer(self, frame: str, committed_at: float | None) -> bool:
+    def offer(self, frame: Frame) -> bool:
         if len(self.frames) >= self.size:
             return False
-        self.frames.append(json.loads(frame))
+        self.raw.append(frame)
+        self.frames.append(json.loads(frame.text()))
         return True
 
-    async def put(self, frame: str) -> None:
+    async def put(self, frame: Frame) -> None:
         await trio.lowlevel.checkpoint()
-        self.frames.append(json.loads(frame))
+        self.frames.append(json.loads(frame.text()))
 
     def dropped(self, thread_id: str, reason: DropReason) -> None:
         self.drops.append(reason)
@@ -124,6 +127,21 @@ async def test_gap_and_mailbox_overflow_are_filled_from_the_log(
     hub.publish(memlog.events[T][5])
     await trio.testing.wait_all_tasks_blocked()
     assert sub.seqs() == list(range(1, 43))
+
+
+async def test_each_event_is_encoded_once_for_every_subscriber(hub: Hub, memlog: MemoryLog) -> None:
+    subs = [Sub() for _ in range(3)]
+    for sub in subs:
+        await subscribe(hub, sub)
+    hub.publish(memlog.append(T))
+    hub.publish(ThreadEvent(T, "assistant.delta", None, {"message_id": "m", "text": "é"}))
+    await trio.testing.wait_all_tasks_blocked()
+    for i in range(2):
+        # The very same bytes object: one JSON serialisation, one frame header, per event.
+        assert len({id(sub.raw[i].data) for sub in subs}) == 1
+        assert isinstance(subs[0].raw[i].data, bytes)
+    assert subs[0].raw[1].data[0] == 0x81  # FIN + text: a complete WebSocket frame
+    assert json.loads(subs[0].raw[1].text())["data"]["text"] == "é"
 
 
 async def test_slow_subscriber_is_dropped_and_others_go_on(hub: Hub, memlog: MemoryLog) -> None:

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from actors.connection import CLOSE_HEARTBEAT_TIMEOUT, Connection, Heartbeat
+from actors.frames import Frame, text_frame
 from actors.supervisor import Supervisor, SupervisorEscalation
 from server import metrics
 
@@ -82,8 +83,34 @@ class FakeTransport:
         await self._never.wait()
         return ""
 
-    async def send(self, texts: Sequence[str]) -> None:
-        self.batches.append(list(texts))
+    direct = False
+
+    def send_now(self, data: bytes) -> int:
+        return -1
+
+    def hold(self) -> None:
+        raise AssertionError("not direct")
+
+    async def acquire(self) -> None:
+        raise AssertionError("not direct")
+
+    def release(self) -> None:
+        raise AssertionError("not direct")
+
+    def can_start_frame(self) -> bool:
+        return True
+
+    def send_some(self, chunks: Sequence[bytes | memoryview]) -> int:
+        raise AssertionError("not direct")
+
+    async def wait_writable(self) -> None:
+        raise AssertionError("not direct")
+
+    def abort_now(self) -> None:
+        self.aborted = True
+
+    async def send(self, frames: Sequence[Frame]) -> None:
+        self.batches.append([frame.text() for frame in frames])
         await self.gate.wait()
 
     async def ping(self, payload: bytes) -> None:
@@ -161,8 +188,8 @@ async def test_a_close_that_cannot_be_sent_aborts_the_stream(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
         await trio.sleep(1)  # virtual time: every task is idle by now
-        # One frame goes straight to the waiting writer, two fill the queue, the next overflows.
-        assert [conn.offer(f"frame {i}", None) for i in range(4)] == [True, True, True, False]
+        # Two frames fill the queue (the writer has not taken any yet), the next overflows.
+        assert [conn.offer(text_frame(f"frame {i}")) for i in range(3)] == [True, True, False]
         start = trio.current_time()
         await conn.closed.wait()
     assert conn.close_code == 4002 and transport.aborted
@@ -193,10 +220,10 @@ async def test_writer_sends_what_queued_up_in_one_write(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.run)
         await trio.sleep(1)
-        assert conn.offer("f0", None)
+        assert conn.offer(text_frame("f0"))
         await trio.sleep(1)  # the writer is now stuck writing f0
         for i in range(1, 6):
-            assert conn.offer(f"f{i}", None)
+            assert conn.offer(text_frame(f"f{i}"))
         await trio.sleep(1)
         transport.gate.set()
         await trio.sleep(1)

@@ -31,7 +31,7 @@ def test_client_frames_round_trip() -> None:
 
 
 def test_fanout_against_the_naive_baseline() -> None:
-    args = argparse.Namespace(deliveries_per_s=400.0, seconds=0.5, procs=2, pad=0)
+    args = argparse.Namespace(deliveries_per_s=400.0, seconds=0.5, procs=2, pad=0, profile=None)
     argv = [str(NAIVE), "--port", str(harness.free_port())]
     with harness.server_process(argv, harness.bench_env(), "naive-broadcast:") as (pid, base):
         assert base.startswith("http://127.0.0.1:")
