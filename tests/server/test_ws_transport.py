@@ -54,7 +54,11 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
 async def test_stalled_client_is_closed_4002_and_others_keep_receiving(
     tmp_path: Path, pg_dsn: str, aio_loop: None
 ) -> None:
-    async with server_with(tmp_path, pg_dsn, ws_outbound_queue=128) as server:
+    # The frame bound on its own (the byte bound has tests of its own in test_ws_frames.py):
+    # the healthy client here reads in the server's own process, 60 KB frames at ~24 MB/s.
+    async with server_with(
+        tmp_path, pg_dsn, ws_outbound_queue=128, ws_outbound_queue_bytes=64 << 20
+    ) as server:
         services = server.services
         owner = await new_owner(services)
         thread_id = await new_thread(services, owner)
