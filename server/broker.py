@@ -15,6 +15,12 @@ first so a node can skip what it does not need without parsing JSON:
 * ``q:<to>:<from>:<id>:<kind>:<body>`` / ``a:<to>:<id>:<body>`` a request to one node and its
   answer (``request``); used to cancel a reply on the node generating it and to ask it for the
   text streamed so far.
+* ``h:<origin>`` a node's hello, sent whenever its listener (re)connects, so the others know at
+  once that someone may be watching their ephemeral events.
+
+Ephemeral events leave the node only while another node may be listening: another node was
+live at the last heartbeat (``set_peers``), or said hello within ``_HELLO_FRESH_S``. A node
+alone in its cluster sends none (deltas are frequent, and a NOTIFY costs the database a write).
 
 Delivery: PostgreSQL delivers every notification committed after LISTEN, in commit order. When
 the connection is lost (backend terminated, network, or this node reading too slowly) it is
@@ -61,6 +67,8 @@ _PING_INTERVAL_S = 5.0
 _PING_TIMEOUT_S = 5.0
 _BACKOFF_MIN_S = 0.05
 _BACKOFF_MAX_S = 5.0
+# A hello counts as a peer for this long, bridging the gap until the next heartbeat lists it.
+_HELLO_FRESH_S = 60.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -85,6 +93,24 @@ class PgBroker:
         self.dropped = 0
         self.last_error: str | None = None
         self.listener_pid: int | None = None
+        self._peers_at_beat = True  # until the first heartbeat says otherwise
+        self._hello_at: dict[str, float] = {}  # other nodes' hellos (trio clock)
+
+    def set_peers(self, incarnations: set[str]) -> None:
+        """The live nodes as of the last heartbeat (a ``Cluster`` observer)."""
+        self._peers_at_beat = bool(incarnations - {self.incarnation})
+        now = trio.current_time()
+        for origin, at in list(self._hello_at.items()):
+            if now - at >= _HELLO_FRESH_S:
+                del self._hello_at[origin]
+
+    @property
+    def peers(self) -> bool:
+        """Whether another node may be listening to this node's ephemeral events."""
+        if self._peers_at_beat:
+            return True
+        now = trio.current_time()
+        return any(now - at < _HELLO_FRESH_S for at in self._hello_at.values())
 
     def attach(self, sink: BrokerSink) -> None:
         """Deliver incoming events to ``sink`` from now on (events before that are skipped:
@@ -99,6 +125,8 @@ class PgBroker:
 
     def publish(self, event: ThreadEvent) -> None:
         """``Broker.publish``: queue an ephemeral event for the other nodes; never blocks."""
+        if not self.peers:
+            return
         for payload in self._ephemeral_payloads(event):
             self._queue(payload)
 
@@ -184,6 +212,7 @@ class PgBroker:
         self.connects += 1
         self.connected = True
         self.listener_pid = listener.backend_pid
+        self._queue(f"h:{self.incarnation}")
         if self.connects > 1:
             # LISTEN is in place again: whatever was committed meanwhile is in the log.
             log.warning("broker.reconnected", connects=self.connects, error=self.last_error)
@@ -244,6 +273,10 @@ class PgBroker:
             self._request(payload)
         elif kind == "a:":
             self._answer(payload)
+        elif kind == "h:":
+            origin = payload[2:]
+            if origin != self.incarnation:
+                self._hello_at[origin] = trio.current_time()
         else:
             raise ValueError(kind)
 

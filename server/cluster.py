@@ -203,6 +203,7 @@ async def cluster_plugin(services: Services) -> AsyncIterator[None]:
     set_node_id(services.settings.node_id)
     cluster = Cluster(services.db, services.settings)
     broker = cluster.broker = PgBroker(services.db, cluster.incarnation, cluster.node_id)
+    cluster.observers.append(lambda nodes: broker.set_peers({n.incarnation for n in nodes}))
     await cluster.join()
     services.extras["cluster"] = cluster
     services.extras["broker"] = broker

@@ -107,3 +107,24 @@ def _drain(broker: PgBroker) -> list[str]:
             out.append(broker._out_recv.receive_nowait())
         except trio.WouldBlock:
             return out
+
+
+async def test_ephemeral_events_stay_home_while_no_other_node_listens() -> None:
+    node, other, _ = _pair()
+    delta = ThreadEvent(T, "assistant.delta", None, {"message_id": "m", "index": 0, "text": "hi"})
+    node.set_peers({node.incarnation})  # the heartbeat found this node alone
+    node.publish(delta)
+    assert _drain(node) == []
+    # Another node's hello (sent when its listener connects) counts before its first heartbeat.
+    node._dispatch(f"h:{other.incarnation}")
+    node._dispatch(f"h:{node.incarnation}")  # its own hello, back from the channel
+    node.publish(delta)
+    assert len(_drain(node)) == 1
+    # A heartbeat that lists another node keeps them flowing; alone again, they stop.
+    fresh, _, _ = _pair()
+    fresh.set_peers({fresh.incarnation, other.incarnation})
+    fresh.publish(delta)
+    assert len(_drain(fresh)) == 1
+    fresh.set_peers({fresh.incarnation})
+    fresh.publish(delta)
+    assert _drain(fresh) == []
