@@ -332,6 +332,66 @@ _OPERATION_IDS = {
 }
 
 
+# OpenAPI links: how a response leads to the next operations (clients and stateful fuzzers use
+# them): operationId -> status -> {link name: (target operationId, parameters)}.
+_BY_ID = "$response.body#/id"
+_VERSION = '"{$response.body#/version}"'  # an If-Match value: the version as an entity tag
+_LINKS: dict[str, dict[str, dict[str, tuple[str, dict[str, str]]]]] = {
+    "createProject": {
+        "201": {
+            "GetProject": ("getProject", {"project_id": _BY_ID}),
+            "UpdateProject": ("updateProject", {"project_id": _BY_ID}),
+            "DeleteProject": ("deleteProject", {"project_id": _BY_ID}),
+            "GetProjectUsage": ("getProjectUsage", {"project_id": _BY_ID}),
+            "ListThreads": ("listThreads", {"project_id": _BY_ID}),
+            "CreateThread": ("createThread", {"project_id": _BY_ID}),
+        }
+    },
+    "createThread": {
+        "201": {
+            "GetThread": ("getThread", {"thread_id": _BY_ID}),
+            "UpdateThread": ("updateThread", {"thread_id": _BY_ID}),
+            "DeleteThread": ("deleteThread", {"thread_id": _BY_ID}),
+            "ListMessages": ("listMessages", {"thread_id": _BY_ID}),
+            "SendMessage": ("sendMessage", {"thread_id": _BY_ID}),
+        }
+    },
+    "sendMessage": {
+        status: {
+            "GetMessage": ("getMessage", {"message_id": _BY_ID}),
+            "EditMessage": ("editMessage", {"message_id": _BY_ID, "header.If-Match": _VERSION}),
+            "DeleteMessage": (
+                "deleteMessage",
+                {"message_id": _BY_ID, "header.If-Match": _VERSION},
+            ),
+            "GetMessageHistory": ("getMessageHistory", {"message_id": _BY_ID}),
+        }
+        for status in ("201", "200")
+    },
+    "editMessage": {
+        "200": {
+            "GetMessageHistory": ("getMessageHistory", {"message_id": _BY_ID}),
+            "DeleteMessage": (
+                "deleteMessage",
+                {"message_id": _BY_ID, "header.If-Match": _VERSION},
+            ),
+        }
+    },
+}
+
+
+def _link_operations(paths: dict[str, Any]) -> None:
+    for item in paths.values():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            for status, links in _LINKS.get(op["operationId"], {}).items():
+                op["responses"][status]["links"] = {
+                    name: {"operationId": target, "parameters": dict(params)}
+                    for name, (target, params) in links.items()
+                }
+
+
 def _name_operations(paths: dict[str, Any]) -> None:
     """Give every operation its operationId and a tag (the path's first segment)."""
     for path, item in paths.items():
@@ -350,6 +410,7 @@ def openapi_document() -> dict[str, Any]:
     paths = _paths(doc)
     paths.update(_auth_paths(doc))
     _name_operations(paths)
+    _link_operations(paths)
     return {
         "openapi": "3.1.0",
         "info": {

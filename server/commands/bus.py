@@ -32,7 +32,7 @@ from server.commands.models import (
     UpdateThread,
 )
 from server.commands.unit import CommandContext, CommandResult
-from server.errors import NotFound
+from server.errors import NotFound, Unavailable
 from server.events import ThreadEvent
 from server.principal import Principal
 from server.services import Services
@@ -69,6 +69,12 @@ async def execute(services: Services, principal: Principal, command: Command) ->
             if exc.constraint_name != _IDEMPOTENCY_CONSTRAINT or attempt == _MAX_ATTEMPTS:
                 raise
             log.info("command.idempotency_race", command=type(command).__name__)
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+            # Rolled back whole (e.g. deleting a project while its reply is being saved): run
+            # the command again; only a database that keeps refusing gets the client a 503.
+            if attempt == _MAX_ATTEMPTS:
+                raise Unavailable("The database was busy; try again.") from exc
+            log.info("command.retried", command=type(command).__name__, error=type(exc).__name__)
         except asyncpg.ForeignKeyViolationError as exc:
             # The parent (project/thread) was deleted by a concurrent command.
             if exc.constraint_name == "messages_created_event":

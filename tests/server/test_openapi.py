@@ -8,6 +8,7 @@ responses match the documented schemas, status codes and content types.
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 from collections import Counter
 from typing import Any
@@ -19,17 +20,32 @@ import schemathesis
 import trio
 from hypothesis import HealthCheck, Phase
 from schemathesis.checks import not_a_server_error
+from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    ensure_resource_availability,
     response_schema_conformance,
     status_code_conformance,
+    use_after_free,
 )
 
 from server.commands import schemas
 from server.runtime import RunningServer
+from tests.figures import record
 from tests.server.rest_client import Api, new_api
 
-EXAMPLES_PER_OPERATION = 25
+# The request budget: a quick run in `make test`; `make soak` sets 10,000 and more.
+REQUESTS = int(os.environ.get("THREADLINE_SCHEMATHESIS_REQUESTS", "450"))
+OPERATIONS = 17  # every resource operation (auth is exercised by its own tests)
+# About 60 % of the budget for single operations, the rest for linked scenarios.
+EXAMPLES_PER_OPERATION = max(25, REQUESTS * 6 // 10 // OPERATIONS)
+STATEFUL_SCENARIOS = max(10, REQUESTS * 4 // 10 // 8)  # a scenario is a few linked calls
+CHECKS = [
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+    content_type_conformance,
+]
 
 
 @pytest.fixture
@@ -91,12 +107,7 @@ def _pin_ids(doc: dict[str, Any], ids: dict[str, list[str]]) -> dict[str, Any]:
 
 def _fuzz(doc: dict[str, Any], base_url: str, token: str) -> dict[str, Counter[int]]:
     schema = schemathesis.openapi.from_dict(doc)
-    checks = [
-        not_a_server_error,
-        response_schema_conformance,
-        status_code_conformance,
-        content_type_conformance,
-    ]
+    checks = CHECKS
     statuses: dict[str, Counter[int]] = {}
     operations = [result.ok() for result in schema.get_all_operations()]
     # Deletes last (messages, then threads, then projects) so they do not empty the others.
@@ -132,6 +143,41 @@ def _fuzz(doc: dict[str, Any], base_url: str, token: str) -> dict[str, Counter[i
     return statuses
 
 
+def _fuzz_stateful(doc: dict[str, Any], base_url: str, token: str) -> Counter[str]:
+    """Scenarios that follow the document's links (create -> read, edit, delete, ...)."""
+    schema = schemathesis.openapi.from_dict(doc)
+    # Our own links only (inferred ones feed list responses' fields into ids), and valid data in
+    # linked steps: a chain is there to reach deep states; invalid input is the other run's job.
+    schema.config.phases.stateful.inference.algorithms = []
+    schema.config.phases.stateful.generation.modes = [GenerationMode.POSITIVE]
+    seen: Counter[str] = Counter()
+    headers = {"Authorization": f"Bearer {token}"}
+
+    class Scenarios(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": base_url, "headers": headers, "timeout": 10}
+
+        def after_call(self, response: Any, case: schemathesis.Case) -> None:
+            seen[f"{case.operation.definition.raw['operationId']} {response.status_code}"] += 1
+
+        def validate_response(self, response: Any, case: schemathesis.Case, **kwargs: Any) -> None:
+            case.validate_response(
+                response, checks=[*CHECKS, use_after_free, ensure_resource_availability]
+            )
+
+    Scenarios.run(
+        settings=hypothesis.settings(
+            max_examples=STATEFUL_SCENARIOS,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            stateful_step_count=10,
+        )
+    )
+    return seen
+
+
 async def test_schemathesis_against_the_real_server(
     server: RunningServer, client: httpx.AsyncClient, api: Api
 ) -> None:
@@ -140,6 +186,7 @@ async def test_schemathesis_against_the_real_server(
     message = (await api.send(thread["id"], "hello")).json()
     unknown = str(uuid.uuid4())
     doc = (await client.get("/api/v1/openapi.json")).json()
+    unpinned = doc
     doc = _pin_ids(
         doc,
         {
@@ -150,6 +197,33 @@ async def test_schemathesis_against_the_real_server(
     )
     token = api.headers["Authorization"].removeprefix("Bearer ")
     statuses = await trio.to_thread.run_sync(_fuzz, doc, server.url, token)
+    stateful = await trio.to_thread.run_sync(_fuzz_stateful, unpinned, server.url, token)
+    single = sum(sum(seen.values()) for seen in statuses.values())
+    linked = sum(stateful.values())
+    record(
+        "schemathesis",
+        requests=single + linked,
+        single_operation_requests=single,
+        linked_scenario_requests=linked,
+        scenarios=STATEFUL_SCENARIOS,
+        operations=len(statuses),
+        linked_operations=len(stateful),
+        statuses=dict(
+            sum(statuses.values(), Counter())
+            + Counter({int(k.rsplit(" ", 1)[1]): v for k, v in stateful.items()})
+        ),
+    )
+    assert single + linked >= REQUESTS * 0.8, (single, linked)
+    # The links lead somewhere: resources created by one call are used by the next ones.
+    reached = {
+        key.rsplit(" ", 1)[0]
+        for key, n in stateful.items()
+        if n and key.endswith((" 200", " 201", " 204"))
+    }
+    deep = {"createThread", "sendMessage"}
+    if REQUESTS >= 5000:  # long runs go deeper: edits and deletes through If-Match links
+        deep |= {"editMessage", "deleteMessage", "getMessageHistory"}
+    assert deep <= reached, stateful
     assert len(statuses) == 17
     # The real resources were reached, not only 404s for random ids. (Edits and deletes of the
     # message need its current version, which random data rarely has.)
