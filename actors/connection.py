@@ -38,6 +38,7 @@ event, the queue depth is sampled when an op reply is queued and when the writer
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -45,8 +46,9 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from actors.frames import Frame, text_frame
+from actors.frames import Frame, ping_frame, text_frame
 from actors.thread import DropReason
+from actors.timers import Timer, Timers
 from server import metrics
 
 log = structlog.get_logger(__name__)
@@ -156,42 +158,60 @@ class OpHandler(Protocol):
 class Heartbeat:
     """Ping every ``interval_s``; no pong within ``timeout_s`` -> ``on_timeout()``.
 
-    Any pong received after a ping was sent counts. The ping itself is sent from its own task in
-    ``nursery``, since writing to a client that stopped reading may block until the stream is
-    aborted; the timeout runs regardless.
+    Driven by a process-wide ``Timers`` (no task per connection): ``start`` schedules the first
+    ping; each ping schedules its timeout check; a pong after a ping schedules the next ping
+    ``interval_s`` later. Any pong received after a ping was sent counts. ``send_ping`` must not
+    block (the connection writes the Ping frame like any other frame, or hands it to a task).
     """
 
     def __init__(self, interval_s: float, timeout_s: float) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._pong = trio.Event()
         self._counter = itertools.count(1)
+        self._waiting = False  # a ping is out and no pong has come since
+        self._timer: Timer | None = None
+        self._timers: Timers | None = None
+        self._send_ping: Callable[[bytes], None] = lambda payload: None
+        self._on_timeout: Callable[[], None] = lambda: None
         self.pings = 0
         self.pongs = 0
+
+    def start(
+        self, timers: Timers, send_ping: Callable[[bytes], None], on_timeout: Callable[[], None]
+    ) -> None:
+        """Begin: the first ping goes out ``interval_s`` from now."""
+        self._timers = timers
+        self._send_ping = send_ping
+        self._on_timeout = on_timeout
+        self._timer = timers.call_later(self.interval_s, self._ping)
+
+    def stop(self) -> None:
+        """No more pings nor timeouts (idempotent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timers = None
 
     def pong(self, payload: bytes = b"") -> None:
         """Called by the transport for every Pong frame it receives (never blocks)."""
         self.pongs += 1
-        self._pong.set()
+        if self._waiting and self._timers is not None:
+            self._waiting = False
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._timers.call_later(self.interval_s, self._ping)
 
-    async def run(
-        self,
-        ping: Callable[[bytes], Awaitable[None]],
-        on_timeout: Callable[[], None],
-        nursery: trio.Nursery,
-    ) -> None:
-        """Loop until a timeout (then call ``on_timeout`` and return) or cancellation."""
-        while True:
-            await trio.sleep(self.interval_s)
-            self._pong = trio.Event()
-            payload = str(next(self._counter)).encode()
-            self.pings += 1
-            nursery.start_soon(ping, payload)
-            with trio.move_on_after(self.timeout_s):
-                await self._pong.wait()
-            if not self._pong.is_set():
-                on_timeout()
-                return
+    def _ping(self) -> None:
+        if self._timers is None:
+            return
+        self._waiting = True
+        self.pings += 1
+        self._timer = self._timers.call_later(self.timeout_s, self._check)
+        self._send_ping(str(next(self._counter)).encode())
+
+    def _check(self) -> None:
+        if self._waiting and self._timers is not None:
+            self._timers = None
+            self._on_timeout()
 
 
 class Connection:
@@ -213,6 +233,7 @@ class Connection:
         outbound_bytes: int = 1 << 20,
         close_timeout_s: float = 2.0,
         expires_in_s: float | None = None,
+        timers: Timers | None = None,
     ) -> None:
         self.id = next(self._ids)
         self.transport = transport
@@ -241,6 +262,9 @@ class Connection:
         self._close_requested = trio.Event()
         self.closed = trio.Event()
         self.strikes = 0  # consecutive rate-limit refusals (the op layer counts them)
+        # The process's timers (heartbeat, expiry); None: this connection runs its own.
+        self._timers = timers
+        self._work_scopes: list[trio.CancelScope] = []
 
     def __hash__(self) -> int:
         return self.id
@@ -257,10 +281,14 @@ class Connection:
         """
         if self.close_code is not None:
             return True  # closing: nothing more goes out, but this is not the sender's fault
+        return self._push(frame, bounded=True)
+
+    def _push(self, frame: Frame, *, bounded: bool) -> bool:
         queue = self._queue
         if queue or self._writing:  # frames are waiting: this one waits behind them, if it fits
-            if len(queue) >= self.outbound_size or (
-                self.queued_bytes + len(frame.data) > self.outbound_bytes
+            if bounded and (
+                len(queue) >= self.outbound_size
+                or self.queued_bytes + len(frame.data) > self.outbound_bytes
             ):
                 self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
                 return False
@@ -440,19 +468,41 @@ class Connection:
         """Serve until closed by either side. Cancelling it (peer gone) is a normal end."""
         metrics.WS_CONNECTIONS.inc()
         structlog.contextvars.bind_contextvars(connection_id=self.id)
+        expiry: Timer | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self._queue:
                     self._start_writer()
-                work = trio.CancelScope()
-                nursery.start_soon(self._work, work, nursery)
+                timers = self._timers
+                if timers is None:  # no process-wide timers (tests): run our own
+                    timers = Timers()
+                    nursery.start_soon(timers.run)
+                # The work: the reader and the dispatcher, each in a scope that closing cancels.
+                nursery.start_soon(self._in_work_scope, self._reader)
+                nursery.start_soon(self._in_work_scope, self._dispatcher)
+                self.heartbeat.start(
+                    timers,
+                    self._send_ping,
+                    lambda: self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat_timeout"),
+                )
+                if self.expires_in_s is not None:
+                    # A socket lives no longer than the credential it was opened with.
+                    expiry = timers.call_later(
+                        max(0.0, self.expires_in_s),
+                        lambda: self.close(CLOSE_TOKEN_EXPIRED, "token_expired"),
+                    )
                 await self._close_requested.wait()
-                work.cancel()
+                self.heartbeat.stop()
+                for scope in self._work_scopes:
+                    scope.cancel()
                 if self.close_reason not in ("client", *_SERVER_CLOSES.values()):
                     await self._send_close(nursery)
                 nursery.cancel_scope.cancel()
         finally:
+            self.heartbeat.stop()
+            if expiry is not None:
+                expiry.cancel()
             self._nursery = None
             self._peer_gone()
             self._discard()
@@ -461,6 +511,33 @@ class Connection:
             log.info("ws.closed", code=self.close_code, reason=self.close_reason)
             self._in_recv.close()
             self.closed.set()
+
+    def _send_ping(self, payload: bytes) -> None:
+        """The heartbeat's Ping: written like any frame (direct), else from a task of its own,
+        since writing to a client that stopped reading may block until the stream is aborted."""
+        nursery = self._nursery
+        if nursery is None or self.close_code is not None:
+            return
+        if self._send_now is not None:
+            self._push(Frame(ping_frame(payload)), bounded=False)  # tiny: not held to the bounds
+        else:
+            nursery.start_soon(self._ping_task, payload)
+
+    async def _ping_task(self, payload: bytes) -> None:
+        with contextlib.suppress(TransportClosed):
+            await self.transport.ping(payload)
+
+    async def _in_work_scope(self, fn: Callable[[], Awaitable[None]]) -> None:
+        scope = trio.CancelScope()
+        self._work_scopes.append(scope)
+        if self.close_code is not None:
+            scope.cancel()
+        with scope:
+            try:
+                await fn()
+            except TransportClosed:
+                self._peer_gone()
+                self._close_requested.set()
 
     async def _send_close(self, nursery: trio.Nursery) -> None:
         """The frames already queued, then the close frame; abort past ``close_timeout_s``."""
@@ -481,29 +558,6 @@ class Connection:
         if not sent.is_set():
             log.info("ws.aborted", code=self.close_code)
             await self.transport.abort()
-
-    async def _work(self, scope: trio.CancelScope, outer: trio.Nursery) -> None:
-        with scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._reader)
-                    nursery.start_soon(self._dispatcher)
-                    if self.expires_in_s is not None:
-                        nursery.start_soon(self._expire, self.expires_in_s)
-                    nursery.start_soon(
-                        self.heartbeat.run,
-                        self.transport.ping,
-                        lambda: self.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat_timeout"),
-                        outer,  # a blocked ping must not hold the work scope open
-                    )
-            except* TransportClosed:
-                self._peer_gone()
-                self._close_requested.set()
-
-    async def _expire(self, after_s: float) -> None:
-        """A socket lives no longer than the credential it was opened with."""
-        await trio.sleep(max(0.0, after_s))
-        self.close(CLOSE_TOKEN_EXPIRED, "token_expired")
 
     async def _reader(self) -> None:
         frames_in = metrics.WS_FRAMES.labels(direction="in")

@@ -123,10 +123,11 @@ def fanout(
         clients.wait_ready(timeout_s=120 + n * 0.01)
         time.sleep(0.5)
         profiler = profile(target, n, args)
-        wall0, cpu0 = time.monotonic(), harness.cpu_seconds(target.pid)
+        wall0, (user0, sys0) = time.monotonic(), harness.cpu_split(target.pid)
         published_for = publish(target, events, rate, args.pad)
         results = clients.results(timeout_s=args.seconds + 60)
-        wall, cpu = time.monotonic() - wall0, harness.cpu_seconds(target.pid) - cpu0
+        user1, sys1 = harness.cpu_split(target.pid)
+        wall, cpu = time.monotonic() - wall0, (user1 - user0) + (sys1 - sys0)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
             profiler.wait(timeout=60)
@@ -157,6 +158,8 @@ def fanout(
         "net_cpu_us_per_delivery": round(
             (cpu - per_publish_s * events) / max(received, 1) * 1e6, 1
         ),
+        "user_us_per_delivery": round((user1 - user0) / max(received, 1) * 1e6, 1),
+        "sys_us_per_delivery": round((sys1 - sys0) / max(received, 1) * 1e6, 1),
         "publish_cpu_ms": round(per_publish_s * 1000, 2),
         "closes": closes,
     }
@@ -199,15 +202,15 @@ def idle_memory(target: Target, n: int, args: argparse.Namespace) -> dict[str, A
 
 def run_target(target: Target, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    if args.idle:  # first, on a fresh process: memory freed later is not given back to the OS
+        rows.append(idle_memory(target, args.idle, args))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     per_publish = publish_cost(target, args)
     for n in args.subscribers:
         rows.append(fanout(target, n, args, per_publish))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.stalled:
         rows.append(fanout(target, args.subscribers[0], args, per_publish, stalled=args.stalled))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    if args.idle:
-        rows.append(idle_memory(target, args.idle, args))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -245,6 +248,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "server_cpu_share",
         "cpu_us_per_delivery",
         "net_cpu_us_per_delivery",
+        "user_us_per_delivery",
+        "sys_us_per_delivery",
         "gaps",
         "delivered",
         "expected",
@@ -284,7 +289,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--subscribers", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--subscribers", type=int, nargs="*", default=[100, 1000])
     parser.add_argument("--deliveries-per-s", type=float, default=10_000.0)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--procs", type=int, default=3, help="client processes")

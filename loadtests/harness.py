@@ -8,7 +8,8 @@
   of the way, cheap password hashing, quiet logs);
 * ``server_process(argv, env, ready)``: a server subprocess, yielding ``(pid, base_url)`` once
   its first line starts with ``ready`` (``"threadline: serving on"``); SIGTERM on exit;
-* ``cpu_seconds(pid)``, ``rss_bytes(pid)``, ``postgres_backends()``, ``cpu_of(procs)``;
+* ``cpu_seconds(pid)``, ``cpu_split(pid)`` (user, system), ``rss_bytes(pid)``,
+  ``postgres_backends()``, ``cpu_of(procs)``;
 * ``ClientProcesses(target, shares)``: the load generator in processes of its own. Each share
   runs ``target(share, link)`` in a spawned process; ``link.ready(info)`` tells the driver it is
   set up, ``link.stopping()`` says whether the driver asked it to stop, ``link.result(value)``
@@ -145,6 +146,12 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds the process has used so far."""
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds the process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user), float(times.system)
 
 
 def rss_bytes(pid: int) -> int:

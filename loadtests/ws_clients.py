@@ -155,8 +155,15 @@ def _open_all(share: Share, conns: dict[int, _Conn], ep: select.epoll) -> int:
                 continue
             data = conn.sock.recv(65536)
             if not data:
-                raise ConnectionError("server closed a connection during set-up")
+                raise ConnectionError(
+                    f"server closed a connection during set-up ({conn.state}, {bytes(conn.buf)!r})"
+                )
             conn.buf += data
+            if conn.state == "live":  # waiting for the others: answer the server's pings
+                for opcode, payload in frames(conn.buf):
+                    if opcode == 0x9:
+                        conn.sock.send(masked(0xA, payload))
+                continue
             if conn.state == "handshake":
                 end = conn.buf.find(b"\r\n\r\n")
                 if end < 0:

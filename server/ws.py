@@ -32,6 +32,7 @@ from actors.connection import CLOSE_GOING_AWAY, CLOSE_TOKEN_EXPIRED, Connection,
 from actors.frames import Frame
 from actors.hub import Hub
 from actors.supervisor import Supervisor
+from actors.timers import Timers
 from server import metrics, wsext
 from server.app import current_request_id
 from server.auth import authenticate_handshake
@@ -55,6 +56,8 @@ class Realtime:
     hub: Hub
     supervisor: Supervisor
     connections: set[Connection] = field(default_factory=set)
+    # Every connection's heartbeat and token expiry, served by one task (actors/timers.py).
+    timers: Timers = field(default_factory=Timers)
     # The credential (JWT id) each connection was opened with, so a logout can end its sockets.
     tokens: dict[Connection, str] = field(default_factory=dict)
 
@@ -197,6 +200,7 @@ async def ws_endpoint() -> Response | None:
         inbound_size=settings.ws_inbound_queue,
         close_timeout_s=CLOSE_TIMEOUT_S,
         expires_in_s=principal.expires_at - time.time(),
+        timers=realtime.timers,
     )
     if control is not None:
         control.on_server_close = conn.server_closed
@@ -233,6 +237,7 @@ async def realtime_plugin(services: Services) -> AsyncIterator[None]:
         supervisor.supervise("hub", hub.run)
         await hub.wait_ready()
         realtime = Realtime(hub=hub, supervisor=supervisor)
+        nursery.start_soon(realtime.timers.run)
         supervisor.probes["connections"] = lambda: {"open": len(realtime.connections)}
         services.actors = hub
         services.publish = hub.publish
