@@ -1,0 +1,431 @@
+"""Write benchmark: Threadline's send beside the naive single-INSERT endpoint, same clients.
+
+One embedded PostgreSQL (or ``THREADLINE_TEST_DATABASE_URL``) serves both servers, each run as
+its own process: the naive baseline (``loadtests/naive_insert.py``: quart-trio, one asyncpg
+INSERT through trio-asyncio) and ``threadline serve``. The load comes from ``--procs`` client
+processes holding ``--clients`` keep-alive HTTP/1.1 connections between them, each connection
+sending one request at a time (a lean raw-socket client: httpx alone stalls near 270 req/s per
+process). Threadline's clients are ``--clients`` users, each posting ``reply: false`` messages
+with a fresh ``client_msg_id`` to a thread of its own over ``Authorization: Bearer``.
+
+For each server and each load, after a warm-up, over ``--seconds``:
+
+* sends/s completed and p50/p99 latency (request written -> response read);
+* server CPU per send (user+sys of the server process over the window / sends) and the
+  PostgreSQL backends' CPU per send (work moved into SQL shows there, not hidden);
+* the ratio Threadline / naive of each.
+
+Loads: ``closed`` (every connection sends as soon as its last answer came: the most the server
+does) and, with ``--rate R``, a paced run where the connections together aim at R sends/s.
+
+    .venv/bin/python loadtests/bench_writes.py --clients 50 --procs 3 --seconds 8 --rate 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+HERE = Path(__file__).resolve().parent
+
+
+# -- infrastructure (shared shape with the other benchmarks) -------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    """A migrated database for the run: external if configured, else embedded in a temp dir."""
+    from server import migrate
+
+    external = os.environ.get("THREADLINE_TEST_DATABASE_URL")
+    if external:
+        migrate.upgrade(external)
+        yield external
+        return
+    from server.embedded_pg import embedded_postgres
+
+    with tempfile.TemporaryDirectory(prefix="tl-bench-writes-") as tmp:
+        os.chmod(tmp, 0o777)
+        with embedded_postgres(Path(tmp)) as dsn:
+            migrate.upgrade(dsn)
+            yield dsn
+
+
+@contextlib.contextmanager
+def server_process(argv: list[str], env: dict[str, str], ready: str) -> Iterator[tuple[int, str]]:
+    """Start a server process; yield (pid, base URL read from its first line); SIGTERM after."""
+    proc = subprocess.Popen(
+        # BENCH_PYTHON_ARGS="-X importtime" etc. go to every server process.
+        [sys.executable, *os.environ.get("BENCH_PYTHON_ARGS", "").split(), *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=None if os.environ.get("BENCH_SERVER_STDERR") else subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith(ready):
+            raise SystemExit(f"{argv} did not start: {line!r}")
+        yield proc.pid, line.rsplit(" ", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
+    env.update(
+        THREADLINE_LOG_LEVEL="warning",
+        THREADLINE_LOG_FORMAT="json",
+        THREADLINE_RATE_LIMIT_PER_S="1000000",
+        THREADLINE_RATE_LIMIT_BURST="1000000",
+        THREADLINE_IP_RATE_LIMIT_PER_S="1000000",
+        THREADLINE_IP_RATE_LIMIT_BURST="1000000",
+        THREADLINE_DB_POOL_MAX="20",
+        THREADLINE_ARGON2_TIME_COST="1",
+        THREADLINE_ARGON2_MEMORY_KIB="8",
+        THREADLINE_ARGON2_PARALLELISM="1",
+    )
+    return env
+
+
+def postgres_backends() -> list[psutil.Process]:
+    """Every running ``postgres`` process (the postmaster and its backends) on this machine."""
+    procs = []
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] == "postgres":
+            procs.append(proc)
+    return procs
+
+
+def cpu_of(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            out[proc.pid] = sum(proc.cpu_times()[:2])
+    return out
+
+
+# -- the client processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one client connection sends: a path, headers and a body maker's template."""
+
+    path: str
+    headers: str  # extra header lines, each ending in \r\n
+    body: str  # JSON with "{id}" replaced by a fresh hex id per request
+
+
+def _request(host: str, job: Job) -> bytes:
+    body = job.body.replace("{id}", uuid.uuid4().hex).encode()
+    head = (
+        f"POST {job.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{job.headers}\r\n"
+    )
+    return head.encode() + body
+
+
+async def _connection(
+    host: str,
+    port: int,
+    job: Job,
+    start: float,
+    window: tuple[float, float],
+    interval: float | None,
+    out: dict[str, Any],
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    loop_end = window[1]
+    next_at = start
+    try:
+        while True:
+            now = time.time()
+            if now >= loop_end:
+                return
+            if interval is not None:
+                if next_at > now:
+                    await asyncio.sleep(next_at - now)
+                next_at += interval
+            sent = time.time()
+            writer.write(_request(host, job))
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            if length:
+                await reader.readexactly(length)
+            done = time.time()
+            if window[0] <= sent and done <= window[1]:
+                out["latencies"].append(done - sent)
+                out["status"][status] = out["status"].get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+def client_process(
+    host: str,
+    port: int,
+    jobs: list[Job],
+    start: float,
+    window: tuple[float, float],
+    interval: float | None,
+    results: Any,
+) -> None:
+    out: dict[str, Any] = {"latencies": [], "status": {}}
+
+    async def run() -> None:
+        await asyncio.sleep(max(0.0, start - time.time()))
+        # Spread the paced connections' first sends over one interval.
+        tasks = [
+            _connection(
+                host,
+                port,
+                job,
+                start + (i / len(jobs)) * (interval or 0),
+                window,
+                interval,
+                out,
+            )
+            for i, job in enumerate(jobs)
+        ]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(run())
+    results.put(out)
+
+
+# -- one measured load ---------------------------------------------------------------------------
+
+
+def measure(
+    name: str,
+    base: str,
+    server_pid: int,
+    jobs: list[Job],
+    args: argparse.Namespace,
+    rate: float | None,
+) -> dict[str, Any]:
+    host, port = base.removeprefix("http://").split(":")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    start = time.time() + 1.5  # the processes' start-up
+    window = (start + args.warmup, start + args.warmup + args.seconds)
+    interval = None if rate is None else len(jobs) / rate
+    shares = [jobs[i :: args.procs] for i in range(args.procs)]
+    procs = [
+        ctx.Process(
+            target=client_process,
+            args=(host, int(port), share, start, window, interval, results),
+        )
+        for share in shares
+        if share
+    ]
+    for proc in procs:
+        proc.start()
+    server = psutil.Process(server_pid)
+    time.sleep(max(0.0, window[0] - time.time()))
+    pg = postgres_backends()
+    cpu0, pg0 = sum(server.cpu_times()[:2]), cpu_of(pg)
+    time.sleep(max(0.0, window[1] - time.time()))
+    cpu1, pg1 = sum(server.cpu_times()[:2]), cpu_of(pg)
+    outs = [results.get(timeout=args.seconds + args.warmup + 60) for _ in procs]
+    for proc in procs:
+        proc.join()
+    latencies = [lat for out in outs for lat in out["latencies"]]
+    statuses: dict[int, int] = {}
+    for out in outs:
+        for status, count in out["status"].items():
+            statuses[status] = statuses.get(status, 0) + count
+    sends = len(latencies)
+    pg_cpu = sum(pg1[pid] - pg0[pid] for pid in pg1 if pid in pg0)
+    return {
+        "server": name,
+        "load": "closed" if rate is None else f"{rate:g}/s",
+        "sends_per_s": round(sends / args.seconds, 1),
+        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
+        "server_cpu_ms_per_send": round((cpu1 - cpu0) / max(sends, 1) * 1000, 3),
+        "server_cpu_share": round((cpu1 - cpu0) / args.seconds, 2),
+        "pg_cpu_ms_per_send": round(pg_cpu / max(sends, 1) * 1000, 3),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+    }
+
+
+# -- the two servers -----------------------------------------------------------------------------
+
+
+def naive_jobs(n: int) -> list[Job]:
+    return [
+        Job("/messages", "", json.dumps({"thread": f"t{i}", "content": "bench {id}"}))
+        for i in range(n)
+    ]
+
+
+def threadline_jobs(base: str, n: int) -> list[Job]:
+    """n users, each with a project and a thread: one send job per user."""
+    jobs = []
+    with httpx.Client(base_url=base, timeout=60) as http:
+        for i in range(n):
+            creds = {"email": f"w{i}-{uuid.uuid4().hex[:8]}@example.com", "password": "bench pw 12"}
+            http.post("/api/v1/auth/register", json=creds).raise_for_status()
+            token = http.post("/api/v1/auth/login", json=creds).json()["access_token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            project = http.post("/api/v1/projects", json={"name": "w"}, headers=auth).json()
+            thread = http.post(
+                f"/api/v1/projects/{project['id']}/threads", json={"title": "w"}, headers=auth
+            ).json()
+            body = json.dumps({"content": "bench {id}", "client_msg_id": "{id}", "reply": False})
+            jobs.append(
+                Job(
+                    f"/api/v1/threads/{thread['id']}/messages",
+                    f"Authorization: Bearer {token}\r\n",
+                    body,
+                )
+            )
+    return jobs
+
+
+def start_profiler(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """py-spy the server through the first load (warm-up and window)."""
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "-p",
+            str(pid),
+            "-d",
+            str(int(args.seconds + args.warmup + 2)),
+            "-o",
+            args.profile,
+            "-f",
+            args.profile_format,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    loads: list[float | None] = [None] + [float(r) for r in args.rate]
+    with database() as dsn:
+        env = bench_env()
+        naive = [str(HERE / "naive_insert.py"), "--dsn", dsn]
+        tl_env = {
+            **env,
+            "THREADLINE_DATABASE_URL": dsn,
+            "THREADLINE_DATA_DIR": tempfile.mkdtemp(prefix="tl-bench-writes-data-"),
+        }
+        for _ in range(args.rounds):
+            if "naive" in args.servers:
+                naive_argv = [*naive, "--port", str(free_port())]
+                with server_process(naive_argv, env, "naive: serving on") as (pid, base):
+                    for rate in loads:
+                        row = measure("naive", base, pid, naive_jobs(args.clients), args, rate)
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+            if "threadline" in args.servers:
+                tl = ["-m", "server.cli", "serve", "--port", str(free_port())]
+                with server_process(tl, tl_env, "threadline: serving on") as (pid, base):
+                    jobs = threadline_jobs(base, args.clients)
+                    profiler = start_profiler(pid, args) if args.profile else None
+                    for rate in loads:
+                        row = measure("threadline", base, pid, jobs, args, rate)
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                        if profiler is not None:
+                            profiler.wait()
+                            profiler = args.profile = None
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cols = [
+        "server",
+        "load",
+        "sends_per_s",
+        "p50_ms",
+        "p99_ms",
+        "server_cpu_ms_per_send",
+        "server_cpu_share",
+        "pg_cpu_ms_per_send",
+    ]
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for row in rows:
+        lines.append(" | ".join(str(row[c]) for c in cols))
+    ratios = []
+    naive = {r["load"]: r for r in rows if r["server"] == "naive"}
+    for row in rows:
+        base = naive.get(row["load"])
+        if row["server"] != "threadline" or base is None:
+            continue
+        ratios.append(
+            f"{row['load']}: threadline/naive CPU per send "
+            f"{row['server_cpu_ms_per_send'] / max(base['server_cpu_ms_per_send'], 1e-9):.2f}x, "
+            f"sends/s {row['sends_per_s'] / max(base['sends_per_s'], 1e-9):.2f}x, "
+            f"p99 {row['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x"
+        )
+    return "\n".join([*lines, "", *ratios])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=50, help="concurrent connections")
+    parser.add_argument("--procs", type=int, default=3, help="client processes")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured window per load")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument(
+        "--rate", action="append", default=[], help="also a paced load at this total rate"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="naive then threadline, N times")
+    parser.add_argument(
+        "--servers", default="naive,threadline", help="comma-separated: naive, threadline"
+    )
+    parser.add_argument("--profile", help="py-spy the threadline server's first load into this")
+    parser.add_argument("--profile-format", default="speedscope")
+    args = parser.parse_args()
+    rows = run(args)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
