@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import psutil
@@ -124,13 +125,20 @@ def bench_env() -> dict[str, str]:
     return env
 
 
-def postgres_backends() -> list[psutil.Process]:
-    """Every running ``postgres`` process (the postmaster and its backends) on this machine."""
-    procs = []
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "postgres":
-            procs.append(proc)
-    return procs
+def postgres_backends(dsn: str) -> list[psutil.Process]:
+    """The embedded PostgreSQL's processes (postmaster and backends) serving ``dsn``; none for an
+    external server (its CPU is not ours to read). Other PostgreSQL servers on the machine are
+    left out."""
+    query = parse_qs(urlsplit(dsn).query)
+    socket_dir = (query.get("host") or [""])[0]
+    if not socket_dir:
+        return []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "postgres" and socket_dir in " ".join(cmdline):
+            with contextlib.suppress(psutil.Error):
+                return [proc, *proc.children(recursive=True)]
+    return []
 
 
 def cpu_of(procs: list[psutil.Process]) -> dict[int, float]:
@@ -263,7 +271,7 @@ def measure(
         proc.start()
     server = psutil.Process(server_pid)
     time.sleep(max(0.0, window[0] - time.time()))
-    pg = postgres_backends()
+    pg = postgres_backends(args.dsn)
     cpu0, pg0 = sum(server.cpu_times()[:2]), cpu_of(pg)
     time.sleep(max(0.0, window[1] - time.time()))
     cpu1, pg1 = sum(server.cpu_times()[:2]), cpu_of(pg)
@@ -348,6 +356,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     loads: list[float | None] = [None] + [float(r) for r in args.rate]
     with database() as dsn:
+        args.dsn = dsn
         env = bench_env()
         naive = [str(HERE / "naive_insert.py"), "--dsn", dsn]
         tl_env = {

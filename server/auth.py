@@ -9,18 +9,22 @@ The messages never say which part of a credential was wrong.
 Tokens: HS256 only (an allow-list; ``none`` and every other algorithm are refused), with the
 claims ``exp``, ``iat``, ``aud`` (``"threadline"``), ``sub`` (user id), ``jti`` and ``typ``
 (``"access"``) all required. A token is accepted only while its user exists and its ``jti`` is
-not in ``revoked_tokens`` (checked in the database on every use: correct across processes).
+not in ``revoked_tokens``. The first use of a token on a node checks both in the database; later
+uses are answered from ``services.tokens`` (``server.authcache``), which every node keeps within
+``THREADLINE_AUTH_REVOCATION_BOUND_S`` (1 s) of the database by polling the revocation feed:
+a logout on any node is honoured by every node within that bound (at once on its own node).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -31,6 +35,7 @@ import jwt
 import structlog
 from werkzeug.datastructures import Headers
 
+from server.authcache import Revocations, Verified, revocation_poller, revocations_from_row
 from server.config import Settings
 from server.errors import Conflict, CsrfFailed, Forbidden, Unauthorized, ValidationFailed
 from server.passwords import Passwords
@@ -149,23 +154,39 @@ def decode_access_token(settings: Settings, token: str) -> dict[str, Any]:
     return claims
 
 
+def verified_token(services: Services, token: str) -> Verified:
+    """``token``'s checked claims: from the cache, else verified now (``Unauthorized``)."""
+    entry = services.tokens.get(token)
+    if entry is None:
+        claims = decode_access_token(services.settings, token)
+        entry = services.tokens.put(token, claims["sub"], claims["jti"], float(claims["exp"]))
+    return entry
+
+
 async def principal_from_token(
     services: Services, token: str, via: Literal["cookie", "bearer"]
 ) -> Principal:
-    """The user behind ``token`` if it is valid, unrevoked and its user still exists."""
-    claims = decode_access_token(services.settings, token)
-    async with services.db.statements() as tx:  # every authenticated request: one round trip
-        row = await token_store.get_session_user(tx, claims["sub"], claims["jti"])
-    if row is None or row["revoked"]:
-        log.info("auth.token_refused", reason="revoked" if row is not None else "no_user")
+    """The user behind ``token`` if it is valid, unrevoked and its user still exists.
+
+    The database is asked on a token's first use on this node and whenever the revocation
+    cache is not fresh (see ``server.authcache``); otherwise no I/O at all.
+    """
+    cache = services.tokens
+    entry = verified_token(services, token)
+    if cache.is_revoked(entry):
+        log.info("auth.token_refused", reason="revoked")
         raise Unauthorized(_BAD_TOKEN)
-    structlog.contextvars.bind_contextvars(user_id=str(row["id"]))
+    email = cache.confirmed(entry)
+    if email is None:
+        async with services.db.statements() as tx:  # one round trip
+            row = await token_store.get_session_user(tx, entry.user_id, entry.jti)
+        if row is None or row["revoked"]:
+            log.info("auth.token_refused", reason="revoked" if row is not None else "no_user")
+            raise Unauthorized(_BAD_TOKEN)
+        email = entry.email = row["email"]
+    structlog.contextvars.bind_contextvars(user_id=entry.user_id)
     return Principal(
-        user_id=str(row["id"]),
-        email=row["email"],
-        jti=claims["jti"],
-        expires_at=float(claims["exp"]),
-        via=via,
+        user_id=entry.user_id, email=email, jti=entry.jti, expires_at=entry.expires_at, via=via
     )
 
 
@@ -175,8 +196,21 @@ async def revoke(services: Services, principal: Principal) -> None:
     async with services.db.transaction(actor_id=principal.user_id) as tx:
         await token_store.revoke_token(tx, principal.jti, principal.user_id, expires)
         # Keeps the list as short as the set of live tokens; cheap on the expiry index.
-        purged = await token_store.purge_expired(tx)
+        purged = await token_store.purge_expired(tx, services.settings.access_token_ttl_s)
+    services.tokens.revoke_local(principal.jti, principal.expires_at)
     log.info("auth.logged_out", purged_revocations=purged)
+
+
+@contextlib.asynccontextmanager
+async def auth_plugin(services: Services) -> AsyncIterator[None]:
+    """Keep ``services.tokens`` fresh: poll the revocation feed while the server runs."""
+
+    async def fetch(horizon: int) -> Revocations:
+        async with services.db.statements() as tx:
+            return revocations_from_row(await token_store.revocations_since(tx, horizon))
+
+    async with revocation_poller(services.tokens, fetch):
+        yield
 
 
 # -- CSRF and origins ------------------------------------------------------------------------

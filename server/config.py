@@ -11,7 +11,15 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 
@@ -54,6 +62,7 @@ class Settings(BaseSettings):
     """Every setting of the server. Secrets are ``SecretStr`` so they never print."""
 
     model_config = SettingsConfigDict(env_prefix="THREADLINE_", extra="ignore")
+    _signing_key: str | None = PrivateAttr(default=None)
 
     env: Literal["development", "production", "test"] = "development"
     host: str = "127.0.0.1"
@@ -86,6 +95,9 @@ class Settings(BaseSettings):
 
     jwt_secret: SecretStr | None = None
     access_token_ttl_s: int = Field(default=86_400, ge=60)
+    # A revoked token is refused by every node within this many seconds (server/authcache.py);
+    # 0 checks every request in the database.
+    auth_revocation_bound_s: float = Field(default=1.0, ge=0, le=60)
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     single_user: bool = False
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -202,25 +214,34 @@ class Settings(BaseSettings):
         return self.llm_prices.get(model) or BUILTIN_PRICES.get(model) or DEFAULT_PRICE
 
     def signing_key(self) -> str:
-        """The JWT signing key: configured, or generated once into the data dir (mode 0600)."""
+        """The JWT signing key: configured, or generated once into the data dir (mode 0600).
+
+        Read once per ``Settings`` (every request uses it; no file read per request).
+        """
+        if self._signing_key is not None:
+            return self._signing_key
         if self.jwt_secret is not None:
-            return self.jwt_secret.get_secret_value()
-        path = self.data_dir / "jwt_secret"
-        if not path.exists():
-            # Several nodes may start at once on one data dir: write a private file whole, then
-            # link it into place: the link fails for all but one; no reader sees half a key.
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            draft = self.data_dir / f".jwt_secret.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_urlsafe(48))
-            try:
-                os.link(draft, path)
-            except FileExistsError:
-                pass  # another node's key won; use it
-            finally:
-                draft.unlink()
-        return path.read_text().strip()
+            key = self.jwt_secret.get_secret_value()
+        else:
+            path = self.data_dir / "jwt_secret"
+            if not path.exists():
+                # Several nodes may start at once on one data dir: write a private file whole,
+                # then link it into place: the link fails for all but one; no reader sees half a
+                # key.
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                draft = self.data_dir / f".jwt_secret.{os.getpid()}.{secrets.token_hex(4)}"
+                fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_urlsafe(48))
+                try:
+                    os.link(draft, path)
+                except FileExistsError:
+                    pass  # another node's key won; use it
+                finally:
+                    draft.unlink()
+            key = path.read_text().strip()
+        self._signing_key = key
+        return key
 
 
 class ConfigError(Exception):

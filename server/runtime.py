@@ -20,6 +20,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from server import httpext, migrate
 from server.app import create_app
+from server.auth import auth_plugin
 from server.cluster import cluster_plugin
 from server.config import Settings
 from server.db import Database
@@ -37,9 +38,10 @@ httpext.install()
 # Subsystems (actors, LLM, ...) plug themselves in here; each is an async context manager factory
 # that receives the Services, may fill ``services.extras`` and yields while the server runs.
 Plugin = Callable[[Services], contextlib.AbstractAsyncContextManager[None]]
-# Cluster membership first (every node's row outlives its work), then the actor system: the
-# assistant (replies + summariser) runs under its thread actors.
-PLUGINS: list[Plugin] = [cluster_plugin, realtime_plugin, assistant_plugin]
+# Cluster membership first (every node's row outlives its work), then the revocation poller
+# (authentication depends on it), then the actor system: the assistant (replies + summariser)
+# runs under its thread actors.
+PLUGINS: list[Plugin] = [cluster_plugin, auth_plugin, realtime_plugin, assistant_plugin]
 
 
 def hypercorn_config(settings: Settings, bind: str) -> HypercornConfig:

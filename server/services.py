@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import trio
 
+from server.authcache import TokenCache
 from server.config import Settings
 from server.db import Database
 from server.events import Publish, drop_event
@@ -55,6 +56,9 @@ class Services:
     extras: dict[str, Any] = field(default_factory=dict)
     # One per process, shared by HTTP and WebSocket (per-user and per-IP token buckets).
     limiter: RateLimiter = field(init=False)
+    # Verified access tokens and known revocations (kept fresh by ``server.auth.auth_plugin``).
+    tokens: TokenCache = field(init=False)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter.from_settings(self.settings)
+        self.tokens = TokenCache(bound_s=self.settings.auth_revocation_bound_s)

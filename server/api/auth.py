@@ -162,6 +162,6 @@ def _claimed_user_id(services: Services) -> str | None:
         token = auth.bearer_token(request.headers) or request.cookies.get(auth.SESSION_COOKIE)
         if not token:
             return None
-        return str(auth.decode_access_token(services.settings, token)["sub"])
+        return auth.verified_token(services, token).user_id
     except ThreadlineError:
         return None  # the handler will refuse it properly if it needs a user
