@@ -25,128 +25,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import multiprocessing as mp
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests.harness import (
+    ClientLink,
+    ClientProcesses,
+    bench_env,
+    cpu_of,
+    cpu_seconds,
+    database,
+    free_port,
+    percentile,
+    postgres_backends,
+    server_process,
+)
 
 HERE = Path(__file__).resolve().parent
-
-
-# -- infrastructure (shared shape with the other benchmarks) -------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-@contextlib.contextmanager
-def database() -> Iterator[str]:
-    """A migrated database for the run: external if configured, else embedded in a temp dir."""
-    from server import migrate
-
-    external = os.environ.get("THREADLINE_TEST_DATABASE_URL")
-    if external:
-        migrate.upgrade(external)
-        yield external
-        return
-    from server.embedded_pg import embedded_postgres
-
-    with tempfile.TemporaryDirectory(prefix="tl-bench-writes-") as tmp:
-        os.chmod(tmp, 0o777)
-        with embedded_postgres(Path(tmp)) as dsn:
-            migrate.upgrade(dsn)
-            yield dsn
-
-
-@contextlib.contextmanager
-def server_process(argv: list[str], env: dict[str, str], ready: str) -> Iterator[tuple[int, str]]:
-    """Start a server process; yield (pid, base URL read from its first line); SIGTERM after."""
-    proc = subprocess.Popen(
-        # BENCH_PYTHON_ARGS="-X importtime" etc. go to every server process.
-        [sys.executable, *os.environ.get("BENCH_PYTHON_ARGS", "").split(), *argv],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=None if os.environ.get("BENCH_SERVER_STDERR") else subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith(ready):
-            raise SystemExit(f"{argv} did not start: {line!r}")
-        yield proc.pid, line.rsplit(" ", 1)[1].strip()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def bench_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
-    env.update(
-        THREADLINE_LOG_LEVEL="warning",
-        THREADLINE_LOG_FORMAT="json",
-        THREADLINE_RATE_LIMIT_PER_S="1000000",
-        THREADLINE_RATE_LIMIT_BURST="1000000",
-        THREADLINE_IP_RATE_LIMIT_PER_S="1000000",
-        THREADLINE_IP_RATE_LIMIT_BURST="1000000",
-        THREADLINE_DB_POOL_MAX="20",
-        THREADLINE_ARGON2_TIME_COST="1",
-        THREADLINE_ARGON2_MEMORY_KIB="8",
-        THREADLINE_ARGON2_PARALLELISM="1",
-    )
-    return env
-
-
-def postgres_backends(dsn: str) -> list[psutil.Process]:
-    """The embedded PostgreSQL's processes (postmaster and backends) serving ``dsn``; none for an
-    external server (its CPU is not ours to read). Other PostgreSQL servers on the machine are
-    left out."""
-    query = parse_qs(urlsplit(dsn).query)
-    socket_dir = (query.get("host") or [""])[0]
-    if not socket_dir:
-        return []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["name"] == "postgres" and socket_dir in " ".join(cmdline):
-            with contextlib.suppress(psutil.Error):
-                return [proc, *proc.children(recursive=True)]
-    return []
-
-
-def cpu_of(procs: list[psutil.Process]) -> dict[int, float]:
-    out = {}
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            out[proc.pid] = sum(proc.cpu_times()[:2])
-    return out
 
 
 # -- the client processes ------------------------------------------------------------------------
@@ -209,36 +115,43 @@ async def _connection(
         writer.close()
 
 
-def client_process(
-    host: str,
-    port: int,
-    jobs: list[Job],
-    start: float,
-    window: tuple[float, float],
-    interval: float | None,
-    results: Any,
-) -> None:
+@dataclass(frozen=True)
+class Share:
+    """One client process's part of a load."""
+
+    host: str
+    port: int
+    jobs: list[Job]
+    start: float  # Unix time the first sends go out
+    window: tuple[float, float]  # only requests sent and answered inside count
+    interval: float | None  # per connection, for a paced load
+
+
+def client_process(share: Share, link: ClientLink) -> None:
     out: dict[str, Any] = {"latencies": [], "status": {}}
 
     async def run() -> None:
-        await asyncio.sleep(max(0.0, start - time.time()))
+        await asyncio.sleep(max(0.0, share.start - time.time()))
+        n = len(share.jobs)
         # Spread the paced connections' first sends over one interval.
-        tasks = [
-            _connection(
-                host,
-                port,
-                job,
-                start + (i / len(jobs)) * (interval or 0),
-                window,
-                interval,
-                out,
+        await asyncio.gather(
+            *(
+                _connection(
+                    share.host,
+                    share.port,
+                    job,
+                    share.start + (i / n) * (share.interval or 0),
+                    share.window,
+                    share.interval,
+                    out,
+                )
+                for i, job in enumerate(share.jobs)
             )
-            for i, job in enumerate(jobs)
-        ]
-        await asyncio.gather(*tasks)
+        )
 
+    link.ready()
     asyncio.run(run())
-    results.put(out)
+    link.result(out)
 
 
 # -- one measured load ---------------------------------------------------------------------------
@@ -253,31 +166,22 @@ def measure(
     rate: float | None,
 ) -> dict[str, Any]:
     host, port = base.removeprefix("http://").split(":")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    start = time.time() + 1.5  # the processes' start-up
+    start = time.time() + 2.0  # the processes' start-up
     window = (start + args.warmup, start + args.warmup + args.seconds)
     interval = None if rate is None else len(jobs) / rate
-    shares = [jobs[i :: args.procs] for i in range(args.procs)]
-    procs = [
-        ctx.Process(
-            target=client_process,
-            args=(host, int(port), share, start, window, interval, results),
-        )
-        for share in shares
-        if share
+    shares = [
+        Share(host, int(port), jobs[i :: args.procs], start, window, interval)
+        for i in range(args.procs)
+        if jobs[i :: args.procs]
     ]
-    for proc in procs:
-        proc.start()
-    server = psutil.Process(server_pid)
-    time.sleep(max(0.0, window[0] - time.time()))
-    pg = postgres_backends(args.dsn)
-    cpu0, pg0 = sum(server.cpu_times()[:2]), cpu_of(pg)
-    time.sleep(max(0.0, window[1] - time.time()))
-    cpu1, pg1 = sum(server.cpu_times()[:2]), cpu_of(pg)
-    outs = [results.get(timeout=args.seconds + args.warmup + 60) for _ in procs]
-    for proc in procs:
-        proc.join()
+    with ClientProcesses(client_process, shares) as clients:
+        clients.wait_ready()
+        time.sleep(max(0.0, window[0] - time.time()))
+        pg = postgres_backends(args.dsn)
+        cpu0, pg0 = cpu_seconds(server_pid), cpu_of(pg)
+        time.sleep(max(0.0, window[1] - time.time()))
+        cpu1, pg1 = cpu_seconds(server_pid), cpu_of(pg)
+        outs = clients.results(timeout_s=args.seconds + args.warmup + 60)
     latencies = [lat for out in outs for lat in out["latencies"]]
     statuses: dict[int, int] = {}
     for out in outs:

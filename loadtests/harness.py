@@ -9,7 +9,7 @@
 * ``server_process(argv, env, ready)``: a server subprocess, yielding ``(pid, base_url)`` once
   its first line starts with ``ready`` (``"threadline: serving on"``); SIGTERM on exit;
 * ``cpu_seconds(pid)``, ``cpu_split(pid)`` (user, system), ``rss_bytes(pid)``,
-  ``postgres_backends()``, ``cpu_of(procs)``;
+  ``postgres_backends(dsn)``, ``cpu_of(procs)``;
 * ``ClientProcesses(target, shares)``: the load generator in processes of its own. Each share
   runs ``target(share, link)`` in a spawned process; ``link.ready(info)`` tells the driver it is
   set up, ``link.stopping()`` says whether the driver asked it to stop, ``link.result(value)``
@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import psutil
 
@@ -159,9 +160,24 @@ def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-def postgres_backends() -> list[psutil.Process]:
-    """Every running ``postgres`` process (the postmaster and its backends) on this machine."""
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "postgres"]
+def postgres_backends(dsn: str | None = None) -> list[psutil.Process]:
+    """Running ``postgres`` processes (the postmaster and its backends).
+
+    With the ``dsn`` of an embedded server (a Unix socket ``host=`` directory), only that
+    server's, so the other PostgreSQL servers on a shared machine are not counted; an external
+    server's ``dsn`` gives none (its CPU is not ours to read). Without ``dsn``, every one.
+    """
+    procs = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "postgres"]
+    if dsn is None:
+        return procs
+    socket_dir = (parse_qs(urlsplit(dsn).query).get("host") or [""])[0]
+    if not socket_dir:
+        return []
+    for proc in procs:
+        if socket_dir in " ".join(proc.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                return [proc, *proc.children(recursive=True)]
+    return []
 
 
 def cpu_of(procs: Iterable[psutil.Process]) -> dict[int, float]:
