@@ -8,6 +8,13 @@ mid-operation ("another operation is in progress"). Such a connection never goes
 usable: it is terminated, and the pool replaces it. A transaction that fails cleanly is rolled back
 (shielded, with a timeout) before its connection is released.
 
+Trips through the bridge: each ``aio`` call is a hand-over between trio and asyncio, the main
+cost of a query under load. A one-statement unit of work (``Database.oneshot`` for reads and
+``fetch*``, ``Database.atomic`` for a write in its own transaction) makes one trip: borrowing,
+BEGIN, the statement, COMMIT and returning the connection happen inside asyncio
+(``Database.one``). ``transaction()`` makes one per statement plus borrow, BEGIN, COMMIT and
+release. Returning a connection skips asyncpg's reset query (see ``_keep_session``).
+
 ``Database.listen`` opens the one connection that is not from the pool: a node's LISTEN/NOTIFY
 connection for the broker (``server/broker.py``); see ``Listener``.
 """
@@ -96,6 +103,40 @@ class Tx:
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await aio(self._conn.fetchval)(sql, *args)
+
+
+class OneShot(Tx):
+    """Statements that each borrow a connection for themselves alone: one unit of work each.
+
+    Borrowing the connection, running the statement (inside BEGIN/COMMIT when ``atomic``) and
+    handing the connection back happen in one trip through the trio-asyncio bridge
+    (``Database.one``) instead of three to five. ``Database.oneshot`` runs reads on their own
+    (no BEGIN/COMMIT); ``Database.atomic`` wraps each statement in a transaction of its own, for
+    writes: a statement cancelled before its COMMIT was sent commits nothing, because the
+    connection is terminated and the server rolls the transaction back (an autocommitted
+    statement would still commit once a lock it waits for is released).
+    """
+
+    __slots__ = ("_atomic", "_db")
+
+    def __init__(self, db: Database, *, atomic: bool) -> None:  # no connection of its own
+        self._db = db
+        self._atomic = atomic
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self._db.one("execute", sql, args, atomic=self._atomic)  # type: ignore[no-any-return]
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        await self._db.one("executemany", sql, (args,), atomic=self._atomic)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Record]:
+        return await self._db.one("fetch", sql, args, atomic=self._atomic)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Record | None:
+        return await self._db.one("fetchrow", sql, args, atomic=self._atomic)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._db.one("fetchval", sql, args, atomic=self._atomic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +234,8 @@ class Database:
         self._pool = pool
         self._dsn = dsn
         self.terminated_on_cancel = 0  # connections discarded because a query was cancelled
+        self.oneshot = OneShot(self, atomic=False)  # reads: each statement on its own
+        self.atomic = OneShot(self, atomic=True)  # writes: each statement in its own transaction
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -224,6 +267,7 @@ class Database:
                 "application_name": "threadline",
             },
             init=_init,
+            reset=_keep_session,
         )
         db = cls(pool, dsn)
         try:
@@ -335,19 +379,70 @@ class Database:
                 raise Unavailable("The database connection was lost.") from exc
 
     async def fetch(self, sql: str, *args: Any) -> list[Record]:
-        """One statement, committed on its own."""
-        async with self.statements() as tx:
-            return await tx.fetch(sql, *args)
+        """One statement, committed on its own (one trip through the bridge)."""
+        return await self.oneshot.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> Record | None:
-        """One statement, committed on its own."""
-        async with self.statements() as tx:
-            return await tx.fetchrow(sql, *args)
+        """One statement, committed on its own (one trip through the bridge)."""
+        return await self.oneshot.fetchrow(sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        """One statement, committed on its own."""
-        async with self.statements() as tx:
-            return await tx.fetchval(sql, *args)
+        """One statement, committed on its own (one trip through the bridge)."""
+        return await self.oneshot.fetchval(sql, *args)
+
+    async def one(
+        self,
+        method: str,
+        sql: str,
+        args: Sequence[Any],
+        *,
+        atomic: bool = False,
+        timeout: float = 10.0,
+    ) -> Any:
+        """``connection.<method>(sql, *args)`` on a pooled connection, in one bridge trip;
+        with ``atomic``, between BEGIN and COMMIT.
+
+        ``Unavailable`` when no connection comes within ``timeout`` or the connection is lost;
+        PostgreSQL's own errors pass through (the transaction rolled back). Cancelled while it
+        runs: the connection is terminated (never returned mid-operation; an open transaction
+        dies with it) and ``trio.Cancelled`` raised.
+        """
+        try:
+            return await aio(self._one_in_asyncio)(method, sql, args, atomic, timeout)
+        except TimeoutError:
+            raise Unavailable("The database is busy; try again.") from None
+        except _CONNECTION_ERRORS as exc:
+            raise Unavailable("The database is unavailable.") from exc
+
+    async def _one_in_asyncio(
+        self, method: str, sql: str, args: Sequence[Any], atomic: bool, timeout: float
+    ) -> Any:
+        # Runs as one asyncio task: trio waits for it to finish, cleanup included, even when
+        # cancelled (trio-asyncio cancels the task and waits), so no connection is left behind.
+        conn = await self._pool.acquire(timeout=timeout)
+        try:
+            if atomic:
+                await conn.execute("BEGIN")
+            result = await getattr(conn, method)(sql, *args)
+            if atomic:
+                await conn.execute("COMMIT")
+        except asyncpg.PostgresError:
+            # The server answered: the connection is fine; end the failed transaction.
+            try:
+                if conn.is_in_transaction():
+                    await conn.execute("ROLLBACK")
+            except BaseException:
+                self._discard(conn)
+                await self._pool.release(conn)
+                raise
+            await self._pool.release(conn)
+            raise
+        except BaseException:  # cancelled mid-statement, or the connection broke
+            self._discard(conn)
+            await self._pool.release(conn)  # a closed connection: bookkeeping only, no I/O
+            raise
+        await self._pool.release(conn)
+        return result
 
     @contextlib.asynccontextmanager
     async def listen(
@@ -402,6 +497,14 @@ class Database:
             async with self.connection(timeout=timeout) as conn:
                 await aio(conn.fetchval)("SELECT 1")
         return trio.current_time() - start
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query (``RESET ALL; UNLISTEN *; ...``): one
+    round trip saved per borrowed connection. Pooled connections carry no session state: no
+    code here runs a session-level SET, LISTEN (the broker has a connection of its own), session
+    advisory locks or held cursors on them. An open transaction is still rolled back by asyncpg
+    (and ``connection()`` terminates such a connection before that)."""
 
 
 def _json_dumps(value: Any) -> str:

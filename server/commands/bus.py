@@ -5,6 +5,11 @@ in it, and only once the transaction has committed publishes the handler's durab
 (``services.publish``) and runs its after-commit actions (e.g. asking the assistant to reply).
 If the handler raises, the transaction rolls back and nothing is published.
 
+A command whose whole unit of work is one statement (``ONE_STATEMENT``: a send is
+``tl_send_message``) runs it on ``db.atomic`` instead: BEGIN, the statement and COMMIT in one
+trip through the database bridge, with the same meaning of "commit" and "publish after commit"
+as above (and the same cancellation safety: cancelled before COMMIT, nothing is written).
+
 Cancellation: cancelled before commit, nothing is written and nothing published; the
 connection is discarded by ``Database``. Publishing and after-commit actions are synchronous
 (``send_nowait``-style hooks) so they cannot be interrupted half-way.
@@ -53,6 +58,9 @@ HANDLERS: dict[type[Command], Handler] = {
     DeleteMessage: message_handlers.delete_message,
 }
 
+# Commands whose handler issues exactly one statement, which is its own transaction.
+ONE_STATEMENT: frozenset[type[Command]] = frozenset({SendMessage})
+
 # Two identical sends racing past the idempotency check: the loser's insert hits this UNIQUE
 # constraint; running the command again finds the winner's message and returns it.
 _IDEMPOTENCY_CONSTRAINT = "messages_thread_client_msg_id_key"
@@ -86,9 +94,13 @@ async def execute(services: Services, principal: Principal, command: Command) ->
 async def _run_once(
     services: Services, principal: Principal, command: Command, handler: Handler
 ) -> CommandResult:
-    async with services.db.transaction(actor_id=principal.user_id) as tx:
-        ctx = CommandContext(services=services, principal=principal, tx=tx)
+    if type(command) in ONE_STATEMENT:
+        ctx = CommandContext(services=services, principal=principal, tx=services.db.atomic)
         result = await handler(ctx, command)
+    else:
+        async with services.db.transaction(actor_id=principal.user_id) as tx:
+            ctx = CommandContext(services=services, principal=principal, tx=tx)
+            result = await handler(ctx, command)
     # Committed: hand the events on, then the follow-up actions.
     for pending in ctx.events:
         event = ThreadEvent(

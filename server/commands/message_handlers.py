@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import structlog
@@ -18,8 +19,7 @@ from server.errors import (
     VersionConflict,
 )
 from server.services import ReplyRequest
-from server.storage import messages, projects, threads
-from server.storage.usage import project_spend_this_month
+from server.storage import messages, threads
 
 log = structlog.get_logger(__name__)
 
@@ -40,55 +40,46 @@ def _check_length(ctx: CommandContext, content: str) -> None:
 
 
 async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
-    """Append a user message (and its ``message.created`` event) to a thread.
+    """Append a user message (and its ``message.created`` event) to a thread, in one statement.
 
-    Locks the thread row, so sends to one thread are serialised; a ``client_msg_id`` already
-    used in the thread returns that message (``created=False``) if the content matches, else
-    ``IdempotencyConflict``. With ``reply`` and a project budget already spent this month,
-    ``BudgetExceeded`` and nothing is written. The assistant is asked to reply after commit.
+    ``tl_send_message`` locks the thread row, so sends to one thread are serialised; a
+    ``client_msg_id`` already used in the thread returns that message (``created=False``) if the
+    content matches, else ``IdempotencyConflict``. With ``reply`` and a project budget already
+    spent this month, ``BudgetExceeded`` and nothing is written. The assistant is asked to reply
+    after commit.
     """
     _check_length(ctx, cmd.content)
     thread_id = require_id(cmd.thread_id)
-    thread = await threads.get_thread(ctx.tx, ctx.user_id, thread_id, for_update=True)
-    if thread is None:
-        raise NotFound("No such thread.")
-    if cmd.client_msg_id is not None:
-        existing = await messages.find_by_client_msg_id(ctx.tx, thread_id, cmd.client_msg_id)
-        if existing is not None:
-            original = await messages.original_content(ctx.tx, existing)
-            if original != cmd.content:
-                raise IdempotencyConflict(
-                    "This client_msg_id was already used with different content.",
-                    details={"client_msg_id": cmd.client_msg_id, "message_id": str(existing["id"])},
-                )
-            return CommandResult(message_to_dict(existing), created=False)
-    project_id = str(thread["project_id"])
-    if cmd.reply:
-        budget = await projects.monthly_budget(ctx.tx, project_id)
-        if budget is not None:
-            spent = await project_spend_this_month(ctx.tx, project_id)
-            if spent >= budget:
-                raise BudgetExceeded(
-                    "This project has used its monthly budget.",
-                    details={"monthly_budget_usd": float(budget), "spend_usd": float(spent)},
-                )
-    seq = int(thread["last_seq"]) + 1
-    row = await messages.insert_message(
+    row = await messages.send(
         ctx.tx,
-        thread_id=thread_id,
-        seq=seq,
-        role="user",
         author_id=ctx.user_id,
+        thread_id=thread_id,
         content=cmd.content,
         client_msg_id=cmd.client_msg_id,
+        reply=cmd.reply,
     )
-    data = message_to_dict(row)
-    await ctx.emit(thread_id, "message.created", seq, data)
+    outcome = row["outcome"]
+    if outcome == "not_found":
+        raise NotFound("No such thread.")
+    if outcome == "budget_exceeded":
+        raise BudgetExceeded(
+            "This project has used its monthly budget.",
+            details={"monthly_budget_usd": float(row["budget"]), "spend_usd": float(row["spent"])},
+        )
+    data: dict[str, Any] = json.loads(row["message"])
+    if outcome == "conflict":
+        raise IdempotencyConflict(
+            "This client_msg_id was already used with different content.",
+            details={"client_msg_id": cmd.client_msg_id, "message_id": data["id"]},
+        )
+    if outcome == "existing":
+        return CommandResult(data, created=False)
+    ctx.written(thread_id, "message.created", int(row["seq"]), data)
     assistant = ctx.services.assistant
     if cmd.reply and assistant is not None:
         request = ReplyRequest(
             thread_id=thread_id,
-            project_id=project_id,
+            project_id=str(row["project_id"]),
             user_message_id=data["id"],
             requested_by=ctx.user_id,
         )

@@ -53,6 +53,11 @@ class CommandContext:
     async def emit(self, thread_id: str, type_: str, seq: int, data: dict[str, Any]) -> None:
         """Write a durable event to ``thread_events`` now; publish it after commit."""
         await threads.append_event(self.tx, thread_id, seq, type_, data)
+        self.written(thread_id, type_, seq, data)
+
+    def written(self, thread_id: str, type_: str, seq: int, data: dict[str, Any]) -> None:
+        """An event the handler's SQL already wrote (e.g. ``tl_send_message``): publish it after
+        commit."""
         self.events.append(PendingEvent(thread_id, type_, seq, data))
 
 

@@ -52,13 +52,27 @@ async def insert_message(
     return row
 
 
-async def find_by_client_msg_id(tx: Tx, thread_id: str, client_msg_id: str) -> Record | None:
-    """The message sent earlier in ``thread_id`` under ``client_msg_id``, if any."""
-    return await tx.fetchrow(
-        f"SELECT {COLUMNS} FROM messages m WHERE m.thread_id = $1 AND m.client_msg_id = $2",
+async def send(
+    tx: Tx, *, author_id: str, thread_id: str, content: str, client_msg_id: str | None, reply: bool
+) -> Record:
+    """A user's send in one statement (``tl_send_message``, migration 0004).
+
+    Columns: ``outcome`` (``created``, ``existing``, ``conflict``, ``not_found`` or
+    ``budget_exceeded``), ``project_id``, ``seq``, ``message`` (the message as JSON text, exactly
+    ``message_to_dict``'s, also the ``message.created`` payload when created), ``budget`` and
+    ``spent`` (for ``budget_exceeded``). Only ``created`` writes anything: the message and its
+    event, in the statement's own transaction.
+    """
+    row = await tx.fetchrow(
+        "SELECT * FROM tl_send_message($1, $2, $3, $4, $5)",
+        author_id,
         thread_id,
+        content,
         client_msg_id,
+        reply,
     )
+    assert row is not None
+    return row
 
 
 async def owned_thread_of_message(tx: Tx, owner_id: str, message_id: str) -> Any:
@@ -158,14 +172,3 @@ async def list_history(tx: Tx, message_id: str, after_version: int, limit: int) 
         after_version,
         limit,
     )
-
-
-async def original_content(tx: Tx, message: Record) -> str:
-    """The content ``message`` was created with (its first edit's old content, if edited)."""
-    if message["version"] == 1:
-        return str(message["content"])
-    value = await tx.fetchval(
-        "SELECT old_content FROM message_edits WHERE message_id = $1 AND version = 2",
-        message["id"],
-    )
-    return str(value if value is not None else message["content"])

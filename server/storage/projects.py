@@ -6,15 +6,11 @@ from datetime import datetime
 from decimal import Decimal
 
 from server.db import Record, Tx
-from server.storage.usage import MONTH_START_SQL as _MONTH_START
 
 # The spend this month is computed with the row so a list costs one query.
-_COLUMNS = f"""
+_COLUMNS = """
     p.id, p.owner_id, p.name, p.monthly_budget_usd, p.created_at, p.updated_at,
-    COALESCE((SELECT sum(u.cost_usd) FROM project_usage_ledger u
-               WHERE u.project_id = p.id AND u.created_at >= {_MONTH_START}), 0)
-  + COALESCE((SELECT sum(r.amount_usd) FROM budget_reservations r
-               WHERE r.project_id = p.id), 0) AS spend_this_month_usd
+    tl_project_spend(p.id) AS spend_this_month_usd
 """
 
 

@@ -21,17 +21,11 @@ _MONTH_START = MONTH_START_SQL
 
 
 async def project_spend_this_month(tx: Tx, project_id: str) -> Decimal:
-    """USD spent by ``project_id`` this month (UTC), reservations for replies in flight included."""
-    value = await tx.fetchval(
-        f"""
-        SELECT COALESCE((SELECT sum(cost_usd) FROM project_usage_ledger
-                          WHERE project_id = $1 AND created_at >= {_MONTH_START}), 0)
-             + COALESCE((SELECT sum(amount_usd) FROM budget_reservations
-                          WHERE project_id = $1), 0)
-        """,
-        project_id,
-    )
-    return Decimal(value)
+    """USD spent by ``project_id`` this month (UTC), reservations for replies in flight included.
+
+    ``tl_project_spend`` (migration 0004) is the one definition, shared with ``tl_send_message``.
+    """
+    return Decimal(await tx.fetchval("SELECT tl_project_spend($1)", project_id))
 
 
 async def project_usage(tx: Tx, project_id: str) -> dict[str, Any]:

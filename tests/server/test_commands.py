@@ -247,11 +247,16 @@ async def test_cancelled_command_writes_and_publishes_nothing(services: Services
 async def _cancel_when_waiting_on_lock(
     services: Services, scope: trio.CancelScope, thread_id: str
 ) -> None:
-    """Cancel ``scope`` once some backend is blocked on a row lock (bounded polling)."""
+    """Cancel ``scope`` once some backend is blocked on a row lock (bounded polling).
+
+    The send's lock is taken inside ``tl_send_message`` (the backend's query is the function
+    call); other commands take it with a ``FOR UPDATE`` of their own.
+    """
     with trio.fail_after(10):
         while not await services.db.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE '%FOR UPDATE%' AND query NOT LIKE '%pg_stat_activity%'"
+            " AND (query LIKE '%FOR UPDATE%' OR query LIKE '%tl_send_message%')"
+            " AND query NOT LIKE '%pg_stat_activity%'"
         ):
             await trio.sleep(0.01)
     scope.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import asyncpg
 import pytest
 import trio
@@ -87,3 +89,66 @@ async def test_statements_commit_one_by_one_and_transactions_do_not(db: Database
         assert await tx.fetchval(xid) != await tx.fetchval(xid)
     async with db.transaction() as tx:
         assert await tx.fetchval(xid) == await tx.fetchval(xid)
+
+
+async def test_a_one_trip_statement_cancelled_in_flight_leaves_the_pool_healthy(
+    db: Database,
+) -> None:
+    before = db.terminated_on_cancel
+    for _ in range(5):  # more than the pool's connections
+        with trio.move_on_after(0.05) as scope:
+            await db.oneshot.fetchval("SELECT pg_sleep(5)")
+        assert scope.cancelled_caught
+    assert db.terminated_on_cancel == before + 5
+    results: list[int] = []
+
+    async def query(n: int) -> None:
+        results.append(await db.fetchval("SELECT $1::int", n))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(8):
+            nursery.start_soon(query, n)
+    assert sorted(results) == list(range(8))
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await db.atomic.fetchval("SELECT 1 / 0")
+    assert await db.atomic.fetchval("SELECT 2") == 2  # the failed transaction was ended
+
+
+async def test_an_atomic_statement_cancelled_while_blocked_commits_nothing_ever(
+    db: Database,
+) -> None:
+    """Cancelled before COMMIT: even once the lock it waited for is released, nothing commits
+    (an autocommitted statement would go on and commit on the server)."""
+    await db.fetchval("CREATE TABLE IF NOT EXISTS tl_test_atomic (id int PRIMARY KEY, v int)")
+    await db.fetchval("TRUNCATE tl_test_atomic")
+    await db.fetchval("INSERT INTO tl_test_atomic VALUES (1, 0)")
+    marker = "tl_atomic_" + uuid.uuid4().hex[:8]
+    async with db.transaction() as holder:
+        await holder.execute("SELECT v FROM tl_test_atomic WHERE id = 1 FOR UPDATE")
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def cancel_when_blocked() -> None:
+                    with trio.fail_after(10):
+                        while not await db.fetchval(
+                            "SELECT count(*) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                            f"%{marker}%",
+                        ):
+                            await trio.sleep(0.01)
+                    scope.cancel()
+
+                nursery.start_soon(cancel_when_blocked)
+                await db.atomic.execute(
+                    f"UPDATE tl_test_atomic SET v = v + 1 WHERE id = 1 /* {marker} */"
+                )
+        assert scope.cancelled_caught
+    # The lock is free now; wait until the cancelled statement's backend has gone.
+    with trio.fail_after(10):
+        while await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()"
+            " AND query NOT LIKE '%pg_stat_activity%'",
+            f"%{marker}%",
+        ):
+            await trio.sleep(0.01)
+    assert await db.fetchval("SELECT v FROM tl_test_atomic WHERE id = 1") == 0
