@@ -1,17 +1,20 @@
-"""PostgreSQL access: asyncpg on trio through trio-asyncio, behind a small interface.
+"""PostgreSQL access: asyncpg, reached from trio, behind a small interface.
 
-One asyncio loop is opened for the whole process (``trio_asyncio.open_loop``) by whoever runs the
-server; every call here must run inside it.
+asyncpg runs on one asyncio loop in a daemon thread of its own (``AsyncioThread``), started on
+first use; trio hands it whole units of work (``aio``). This replaced trio-asyncio, which ran the
+asyncio loop inside trio's and cost about three times the CPU per unit of work
+(``loadtests/bench_bridge.py``, docs/performance.md). Nothing here needs a trio-asyncio loop;
+``threadline serve`` still opens one for any other asyncio code.
 
 Cancellation safety: a trio task cancelled while a query is in flight may leave the connection
 mid-operation ("another operation is in progress"). Such a connection never goes back to the pool
 usable: it is terminated, and the pool replaces it. A transaction that fails cleanly is rolled back
 (shielded, with a timeout) before its connection is released.
 
-Trips through the bridge: each ``aio`` call is a hand-over between trio and asyncio, the main
-cost of a query under load. A one-statement unit of work (``Database.oneshot`` for reads and
-``fetch*``, ``Database.atomic`` for a write in its own transaction) makes one trip: borrowing,
-BEGIN, the statement, COMMIT and returning the connection happen inside asyncio
+Trips through the bridge: each ``aio`` call is a hand-over between trio and the asyncio thread,
+the main cost of a query under load. A one-statement unit of work (``Database.oneshot`` for
+reads and ``fetch*``, ``Database.atomic`` for a write in its own transaction) makes one trip:
+borrowing, BEGIN, the statement, COMMIT and returning the connection happen inside asyncio
 (``Database.one``). ``transaction()`` makes one per statement plus borrow, BEGIN, COMMIT and
 release. Returning a connection skips asyncpg's reset query (see ``_keep_session``).
 
@@ -21,16 +24,18 @@ connection for the broker (``server/broker.py``); see ``Listener``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeAlias, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar
 
 import asyncpg
+import outcome
 import structlog
 import trio
-import trio_asyncio
 
 from server.errors import Unavailable
 
@@ -46,9 +51,99 @@ Record: TypeAlias = Mapping[str, Any]
 _CLEANUP_TIMEOUT_S = 5.0
 
 
+class AsyncioThread:
+    """The process's asyncio loop, running in a daemon thread of its own: where asyncpg lives.
+
+    ``run(fn, *args)`` hands ``fn(*args)`` to that loop as one task and waits for it in trio:
+    one hand-over each way (``call_soon_threadsafe``, then trio's token). Measured against
+    trio-asyncio (``loadtests/bench_bridge.py``), a unit of work costs about a third of the CPU.
+
+    Cancellation: the task is cancelled in its loop and trio waits until it has finished, its
+    cleanup included (like ``trio_asyncio.aio_as_trio``), then raises ``trio.Cancelled``; so a
+    connection is never left mid-operation by a caller that has already moved on.
+    """
+
+    _instance: AsyncioThread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        started = threading.Event()
+        made: list[asyncio.AbstractEventLoop] = []
+
+        def main() -> None:
+            # Made in its own thread: trio-asyncio, if loaded, refuses a new loop in trio's.
+            loop = asyncio.SelectorEventLoop()
+            made.append(loop)
+            started.set()
+            loop.run_forever()
+
+        self.thread = threading.Thread(target=main, name="threadline-asyncpg", daemon=True)
+        self.thread.start()
+        started.wait()
+        self.loop = made[0]
+
+    @classmethod
+    def get(cls) -> AsyncioThread:
+        """The process's one instance, started on first use."""
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def in_loop(self) -> bool:
+        return threading.get_ident() == self.thread.ident
+
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run a plain function in the loop (now, if already there): e.g. ``terminate()``."""
+        if self.in_loop():
+            fn()
+        else:
+            self.loop.call_soon_threadsafe(fn)
+
+    async def run(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+        token = trio.lowlevel.current_trio_token()
+        waiter = trio.lowlevel.current_task()
+        tasks: list[asyncio.Task[T]] = []
+
+        def wake(task: asyncio.Task[T]) -> None:
+            result = outcome.capture(task.result)
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(trio.lowlevel.reschedule, waiter, result)
+
+        async def call() -> T:
+            return await fn(*args, **kwargs)  # an awaitable that is no coroutine works too
+
+        def submit() -> None:
+            task = self.loop.create_task(call())
+            task.add_done_callback(wake)
+            tasks.append(task)
+
+        self.loop.call_soon_threadsafe(submit)
+        raise_cancel: Callable[[], NoReturn] | None = None
+
+        def abort(raise_cancel_arg: Callable[[], NoReturn]) -> trio.lowlevel.Abort:
+            nonlocal raise_cancel
+            raise_cancel = raise_cancel_arg
+            # Runs after ``submit`` (the loop takes callbacks in order): the task exists.
+            self.loop.call_soon_threadsafe(lambda: tasks[0].cancel())
+            return trio.lowlevel.Abort.FAILED  # wait for the task to finish its cleanup
+
+        try:
+            return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if raise_cancel is not None:
+                raise_cancel()
+            raise
+
+
 def aio(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Call an asyncio coroutine function from trio."""
-    return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
+    """Call an asyncio coroutine function from trio: it runs on the asyncpg loop's thread."""
+    bridge = AsyncioThread.get()
+
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await bridge.run(fn, *args, **kwargs)
+
+    return call
 
 
 _CONNECTION_ERRORS = (
@@ -248,7 +343,7 @@ class Database:
         statement_timeout_ms: int = 5000,
         connect_timeout_s: float = 5.0,
     ) -> AsyncIterator[Database]:
-        """Open a pool for the lifetime of the block. Needs a running trio-asyncio loop."""
+        """Open a pool for the lifetime of the block (on the asyncpg loop's thread)."""
 
         async def _init(conn: asyncpg.Connection) -> None:
             await conn.set_type_codec(
@@ -276,7 +371,7 @@ class Database:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as scope:
                 await aio(pool.close)()
             if scope.cancelled_caught:
-                pool.terminate()
+                AsyncioThread.get().call(pool.terminate)
 
     def stats(self) -> PoolStats:
         return PoolStats(
@@ -326,7 +421,8 @@ class Database:
     def _discard(self, conn: asyncpg.Connection) -> None:
         if not _is_closed(conn):
             self.terminated_on_cancel += 1
-            conn.terminate()
+            # In the loop's thread (queued before any release that follows it).
+            AsyncioThread.get().call(conn.terminate)
 
     @contextlib.asynccontextmanager
     async def transaction(self, *, actor_id: str | None = None) -> AsyncIterator[Tx]:
@@ -411,8 +507,8 @@ class Database:
             return await aio(self._one_in_asyncio)(method, sql, args, atomic, timeout)
         except TimeoutError:
             raise Unavailable("The database is busy; try again.") from None
-        except _CONNECTION_ERRORS as exc:
-            raise Unavailable("The database is unavailable.") from exc
+        except _LOST_ERRORS as exc:
+            raise Unavailable("The database connection was lost.") from exc
 
     async def _one_in_asyncio(
         self, method: str, sql: str, args: Sequence[Any], atomic: bool, timeout: float
@@ -426,7 +522,11 @@ class Database:
             result = await getattr(conn, method)(sql, *args)
             if atomic:
                 await conn.execute("COMMIT")
-        except asyncpg.PostgresError:
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _LOST_ERRORS):  # the session ended: never reuse it
+                self._discard(conn)
+                await self._pool.release(conn)
+                raise
             # The server answered: the connection is fine; end the failed transaction.
             try:
                 if conn.is_in_transaction():
@@ -488,7 +588,7 @@ class Database:
                     except _CONNECTION_ERRORS:
                         pass
             if scope.cancelled_caught or not conn.is_closed():
-                conn.terminate()
+                AsyncioThread.get().call(conn.terminate)
 
     async def ping(self, timeout: float = 1.0) -> float:
         """Run ``SELECT 1`` within ``timeout``; return the latency in seconds."""
