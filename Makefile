@@ -78,7 +78,7 @@ loadtest: setup
 
 # Benchmarks print figures measured side by side in one run (see docs/architecture.md, docs/assistant.md).
 bench: setup
-	$(BIN)/python loadtests/bench_writes.py --clients 50 --procs 3 --seconds 8 --rate 500
+	$(BIN)/python loadtests/bench_writes.py --clients 50 --procs 3 --seconds 8 --rate 500 --before b5641cb
 	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --idle 1000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
 

@@ -33,7 +33,7 @@ import trio_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadtests.harness import database  # noqa: E402
+from loadtests.harness import database
 
 SQL = "SELECT $1::int"
 
@@ -110,6 +110,7 @@ async def main(dsn: str, args: argparse.Namespace) -> None:
             return int(await aio(unit)(pool, n))
 
         thread = ThreadLoop()
+
         async def make_pool() -> asyncpg.Pool:
             return await asyncpg.create_pool(dsn, min_size=10, max_size=10)
 

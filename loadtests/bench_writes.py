@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -259,9 +263,13 @@ def start_profiler(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     loads: list[float | None] = [None] + [float(r) for r in args.rate]
-    with database() as dsn:
+    with database() as dsn, contextlib.ExitStack() as stack:
         args.dsn = dsn
         env = bench_env()
+        before: Path | None = None
+        before_env: dict[str, str] = {}
+        if args.before:
+            before, before_env = stack.enter_context(checkout(args.before, dsn, env))
         naive = [str(HERE / "naive_insert.py"), "--dsn", dsn]
         tl_env = {
             **env,
@@ -276,19 +284,61 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         row = measure("naive", base, pid, naive_jobs(args.clients), args, rate)
                         rows.append(row)
                         print(json.dumps(row), file=sys.stderr, flush=True)
+            if before is not None:
+                rows += threadline_loads("before", before_env, loads, args, cwd=before)
             if "threadline" in args.servers:
-                tl = ["-m", "server.cli", "serve", "--port", str(free_port())]
-                with server_process(tl, tl_env, "threadline: serving on") as (pid, base):
-                    jobs = threadline_jobs(base, args.clients)
-                    profiler = start_profiler(pid, args) if args.profile else None
-                    for rate in loads:
-                        row = measure("threadline", base, pid, jobs, args, rate)
-                        rows.append(row)
-                        print(json.dumps(row), file=sys.stderr, flush=True)
-                        if profiler is not None:
-                            profiler.wait()
-                            profiler = args.profile = None
+                rows += threadline_loads("threadline", tl_env, loads, args)
     return rows
+
+
+def threadline_loads(
+    name: str,
+    env: dict[str, str],
+    loads: list[float | None],
+    args: argparse.Namespace,
+    cwd: Path | None = None,
+) -> list[dict[str, Any]]:
+    rows = []
+    tl = ["-m", "server.cli", "serve", "--port", str(free_port())]
+    with server_process(tl, env, "threadline: serving on", cwd=cwd) as (pid, base):
+        jobs = threadline_jobs(base, args.clients)
+        profiler = start_profiler(pid, args) if args.profile and name == "threadline" else None
+        for rate in loads:
+            row = measure(name, base, pid, jobs, args, rate)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            if profiler is not None:
+                profiler.wait()
+                profiler = None
+    return rows
+
+
+@contextlib.contextmanager
+def checkout(rev: str, dsn: str, env: dict[str, str]) -> Iterator[tuple[Path, dict[str, str]]]:
+    """Revision ``rev`` of this repository in a temporary directory (``git archive``: the
+    repository itself is not touched), with a database of its own migrated by its own code."""
+    with tempfile.TemporaryDirectory(prefix="tl-bench-before-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(HERE.parent), "archive", rev], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        name = "tl_before_" + uuid.uuid4().hex[:8]
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        before_dsn = urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+        before_env = {
+            **env,
+            "THREADLINE_DATABASE_URL": before_dsn,
+            "THREADLINE_DATA_DIR": tempfile.mkdtemp(prefix="tl-bench-before-data-"),
+        }
+        subprocess.run(
+            [sys.executable, "-m", "server.cli", "migrate", "up"],
+            cwd=tmp,
+            env=before_env,
+            check=True,
+            capture_output=True,
+        )
+        yield Path(tmp), before_env
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -317,6 +367,17 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"sends/s {row['sends_per_s'] / max(base['sends_per_s'], 1e-9):.2f}x, "
             f"p99 {row['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x"
         )
+    before = {r["load"]: r for r in rows if r["server"] == "before"}
+    for row in rows:
+        old = before.get(row["load"])
+        if row["server"] != "threadline" or old is None:
+            continue
+        ratios.append(
+            f"{row['load']}: threadline/before CPU per send "
+            f"{row['server_cpu_ms_per_send'] / max(old['server_cpu_ms_per_send'], 1e-9):.2f}x, "
+            f"sends/s {row['sends_per_s'] / max(old['sends_per_s'], 1e-9):.2f}x, "
+            f"p99 {row['p99_ms'] / max(old['p99_ms'], 1e-9):.2f}x"
+        )
     return "\n".join([*lines, "", *ratios])
 
 
@@ -332,6 +393,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="naive then threadline, N times")
     parser.add_argument(
         "--servers", default="naive,threadline", help="comma-separated: naive, threadline"
+    )
+    parser.add_argument(
+        "--before",
+        help="also run this git revision's server (e.g. the commit before the work), same clients",
     )
     parser.add_argument("--profile", help="py-spy the threadline server's first load into this")
     parser.add_argument("--profile-format", default="speedscope")

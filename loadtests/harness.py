@@ -112,7 +112,12 @@ def bench_env(**overrides: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def server_process(
-    argv: Sequence[str], env: dict[str, str], ready: str, *, timeout_s: float = 120.0
+    argv: Sequence[str],
+    env: dict[str, str],
+    ready: str,
+    *,
+    timeout_s: float = 120.0,
+    cwd: Path | None = None,
 ) -> Iterator[tuple[int, str]]:
     """Run ``python argv...``; yield (pid, base URL: the last word of its first line).
 
@@ -123,7 +128,7 @@ def server_process(
     proc = subprocess.Popen(
         [sys.executable, *os.environ.get("BENCH_PYTHON_ARGS", "").split(), *argv],
         env=env,
-        cwd=ROOT,
+        cwd=cwd or ROOT,  # another checkout's directory runs that checkout's code
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
