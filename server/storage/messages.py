@@ -55,7 +55,7 @@ async def insert_message(
 async def send(
     tx: Tx, *, author_id: str, thread_id: str, content: str, client_msg_id: str | None, reply: bool
 ) -> Record:
-    """A user's send in one statement (``tl_send_message``, migration 0004).
+    """A user's send in one statement (``tl_send_message``, migration 0006).
 
     Columns: ``outcome`` (``created``, ``existing``, ``conflict``, ``not_found`` or
     ``budget_exceeded``), ``project_id``, ``seq``, ``message`` (the message as JSON text, exactly

@@ -23,7 +23,7 @@ _MONTH_START = MONTH_START_SQL
 async def project_spend_this_month(tx: Tx, project_id: str) -> Decimal:
     """USD spent by ``project_id`` this month (UTC), reservations for replies in flight included.
 
-    ``tl_project_spend`` (migration 0004) is the one definition, shared with ``tl_send_message``.
+    ``tl_project_spend`` (migration 0006) is the one definition, shared with ``tl_send_message``.
     """
     return Decimal(await tx.fetchval("SELECT tl_project_spend($1)", project_id))
 

@@ -1,4 +1,4 @@
-"""``tl_send_message`` and ``tl_message_json`` (migration 0004): a send in one statement keeps
+"""``tl_send_message`` and ``tl_message_json`` (migration 0006): a send in one statement keeps
 every invariant the multi-statement send kept, and its JSON is ``message_to_dict``'s."""
 
 from __future__ import annotations

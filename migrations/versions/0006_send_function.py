@@ -9,8 +9,8 @@ event payload exactly as ``server.commands.serialize.message_to_dict`` does (sam
 order, RFC 3339 UTC times), and ``tl_project_spend`` is the one definition of a project's spend
 this month (usage ledger + reservations in flight) that Python and SQL both use.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-12-02
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
