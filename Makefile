@@ -76,11 +76,13 @@ test: lint typecheck webcheck pytest
 loadtest: setup
 	$(BIN)/python loadtests/run_locust.py
 
-# Benchmarks print figures measured side by side in one run (see docs/architecture.md, docs/assistant.md).
+# Benchmarks print figures measured side by side in one run (docs/performance.md has them all).
 bench: setup
-	$(BIN)/python loadtests/bench_writes.py --clients 50 --procs 3 --seconds 8 --rate 500 --before b5641cb
+	$(BIN)/python loadtests/bench_writes.py --clients 50 --procs 3 --seconds 8 --rate 500 --before b5641cb --without-notify
+	$(BIN)/python loadtests/bench_bridge.py --tasks 20 --queries 300
 	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --idle 1000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
+	$(BIN)/python loadtests/bench_stream.py --ttft
 
 # Long runs that are not part of `make test`; docs/reliability.md quotes their last figures.
 soak: setup

@@ -45,6 +45,9 @@ import trio
 import trio_asyncio
 from trio_websocket import open_websocket_url
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loadtests import harness
 from server import migrate
 from server.auth import create_user_with_token
 from server.commands.bus import execute
@@ -116,7 +119,7 @@ def _bench_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def process(
-    argv: list[str], env: dict[str, str], ready_prefix: str
+    argv: list[str], env: dict[str, str], ready_prefix: str, cwd: Path | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """Start a ``threadline`` subcommand; yield it and its URL (from its first line)."""
     proc = subprocess.Popen(
@@ -129,6 +132,7 @@ def process(
             *argv,
         ],
         env=env,
+        cwd=cwd,  # another revision's tree runs that revision's code
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -318,6 +322,36 @@ async def bench_process(
     return report(run, await fetch_first_tokens(provider_url), args)
 
 
+async def ttft_process(
+    base: str, pid: int, provider_url: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``--ttft``: time to first delta for a lone reply (``--lone-runs`` of them, one at a time)
+    and for 50 replies requested at once, against one server process."""
+    out: dict[str, Any] = {}
+    for replies, runs in ((1, args.lone_runs), (50, 1)):
+        sub = argparse.Namespace(**{**vars(args), "replies": replies})
+        merged: dict[str, Any] = {"watchers": [], "bench_cpu": 0.0, "server_cpu": 0.0}
+        for _ in range(runs):
+            run = await run_watchers(await rest_target(base, sub, pid), sub)
+            merged["watchers"] += run["watchers"]
+            merged["start"] = merged.get("start", run["start"])
+            merged["end"] = run["end"]
+            merged["bench_cpu"] += run["bench_cpu"]
+            merged["server_cpu"] += run["server_cpu"] or 0.0
+        figures = report(merged, await fetch_first_tokens(provider_url), sub)
+        out[f"{replies} at once" if replies > 1 else "lone reply"] = {
+            key: figures[key]
+            for key in (
+                "ttfd_from_send_ms",
+                "send_to_provider_first_token_ms",
+                "ttfd_overhead_added_by_server_ms",
+                "server_cpu_s",
+                "watchers_with_full_text",
+            )
+        }
+    return out
+
+
 async def fetch_first_tokens(provider_url: str) -> dict[str, float]:
     async with httpx.AsyncClient() as http:
         stats = (await http.get(provider_url.removesuffix("/v1") + "/control/stats")).json()
@@ -381,7 +415,16 @@ def main() -> None:
     parser.add_argument("--server", choices=["process", "inline"], default="process")
     parser.add_argument("--fake", choices=["process", "inline"], default="process")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--ttft",
+        action="store_true",
+        help="time to first delta: a lone reply (several runs) and 50 at once; 20 tokens, 1 ms",
+    )
+    parser.add_argument("--lone-runs", type=int, default=10)
+    parser.add_argument("--before", help="also run this git revision's server, same clients")
     args = parser.parse_args()
+    if args.ttft:
+        args.server, args.tokens, args.delay_ms = "process", 20, 1.0
     if args.server == "process":
         args.fake = "process"
     configure_logging("json", "warning")
@@ -415,7 +458,24 @@ def main() -> None:
             proc, base = stack.enter_context(
                 process(["serve", "--port", str(free_port())], server_env, "threadline: serving on")
             )
-            result = trio.run(bench_process, base, proc.pid, provider_url, args)
+            run = ttft_process if args.ttft else bench_process
+            result = trio.run(run, base, proc.pid, provider_url, args)
+            if args.before:
+                tree = stack.enter_context(harness.revision_tree(args.before))
+                before_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-b-"))
+                os.chmod(before_dir, 0o777)
+                proc, base = stack.enter_context(
+                    process(
+                        ["serve", "--port", str(free_port())],
+                        {**server_env, "THREADLINE_DATA_DIR": before_dir},
+                        "threadline: serving on",
+                        cwd=tree,
+                    )
+                )
+                result = {
+                    "now": result,
+                    f"before ({args.before})": trio.run(run, base, proc.pid, provider_url, args),
+                }
     print(json.dumps(result, indent=2))
 
 

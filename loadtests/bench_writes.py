@@ -53,6 +53,7 @@ from loadtests.harness import (
     free_port,
     percentile,
     postgres_backends,
+    revision_tree,
     server_process,
 )
 
@@ -288,7 +289,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows += threadline_loads("before", before_env, loads, args, cwd=before)
             if "threadline" in args.servers:
                 rows += threadline_loads("threadline", tl_env, loads, args)
+            if args.without_notify:
+                # The cluster's NOTIFY per event (a trigger, migration 0004) takes a global lock
+                # at commit: the same server with the trigger disabled shows what it costs.
+                with notify_disabled(dsn):
+                    rows += threadline_loads("no-notify", tl_env, loads, args)
     return rows
+
+
+@contextlib.contextmanager
+def notify_disabled(dsn: str) -> Iterator[None]:
+    sql = "ALTER TABLE thread_events {} TRIGGER thread_events_notify"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.format("DISABLE"))
+    try:
+        yield
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.format("ENABLE"))
 
 
 def threadline_loads(
@@ -317,11 +335,7 @@ def threadline_loads(
 def checkout(rev: str, dsn: str, env: dict[str, str]) -> Iterator[tuple[Path, dict[str, str]]]:
     """Revision ``rev`` of this repository in a temporary directory (``git archive``: the
     repository itself is not touched), with a database of its own migrated by its own code."""
-    with tempfile.TemporaryDirectory(prefix="tl-bench-before-") as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(HERE.parent), "archive", rev], check=True, capture_output=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+    with revision_tree(rev) as tmp:
         name = "tl_before_" + uuid.uuid4().hex[:8]
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
@@ -359,10 +373,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     naive = {r["load"]: r for r in rows if r["server"] == "naive"}
     for row in rows:
         base = naive.get(row["load"])
-        if row["server"] != "threadline" or base is None:
+        if row["server"] not in ("threadline", "no-notify") or base is None:
             continue
         ratios.append(
-            f"{row['load']}: threadline/naive CPU per send "
+            f"{row['load']}: {row['server']}/naive CPU per send "
             f"{row['server_cpu_ms_per_send'] / max(base['server_cpu_ms_per_send'], 1e-9):.2f}x, "
             f"sends/s {row['sends_per_s'] / max(base['sends_per_s'], 1e-9):.2f}x, "
             f"p99 {row['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x"
@@ -397,6 +411,11 @@ def main() -> None:
     parser.add_argument(
         "--before",
         help="also run this git revision's server (e.g. the commit before the work), same clients",
+    )
+    parser.add_argument(
+        "--without-notify",
+        action="store_true",
+        help="also run the current server with the per-event NOTIFY trigger disabled",
     )
     parser.add_argument("--profile", help="py-spy the threadline server's first load into this")
     parser.add_argument("--profile-format", default="speedscope")

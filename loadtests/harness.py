@@ -8,6 +8,7 @@
   of the way, cheap password hashing, quiet logs);
 * ``server_process(argv, env, ready)``: a server subprocess, yielding ``(pid, base_url)`` once
   its first line starts with ``ready`` (``"threadline: serving on"``); SIGTERM on exit;
+* ``revision_tree(rev)``: an older revision's files, to run beside the current code;
 * ``cpu_seconds(pid)``, ``cpu_split(pid)`` (user, system), ``rss_bytes(pid)``,
   ``postgres_backends(dsn)``, ``cpu_of(procs)``;
 * ``ClientProcesses(target, shares)``: the load generator in processes of its own. Each share
@@ -146,6 +147,19 @@ def server_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str) -> Iterator[Path]:
+    """Revision ``rev`` of this repository, extracted into a temporary directory (``git
+    archive``: the repository and its worktrees are not touched). Run a server from it with
+    ``server_process(..., cwd=tree)`` to compare it with the current code in the same run."""
+    with tempfile.TemporaryDirectory(prefix="tl-bench-rev-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -33,6 +33,7 @@ provider call.
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -42,7 +43,6 @@ import structlog
 import trio
 
 from server import metrics
-from server.commands.serialize import message_to_dict
 from server.errors import ThreadlineError
 from server.events import ThreadEvent
 from server.llm import pricing, tokens
@@ -371,40 +371,37 @@ class AssistantService:
             if base is None or base["asked"] is None:
                 raise LookupError("thread, project or message is gone")
             seq = int(base["seq"])
-            after = int(base["summary_end_seq"] or 0)
-            rows = await store.recent_turns(tx, request.thread_id, after_seq=after, before_seq=seq)
-            prompt = build_prompt(
-                settings,
-                summary=base["summary"],
-                turns=[Turn(r["role"], r["content"]) for r in rows],
-            )
+            turns = [Turn(role, content) for role, content in base["turns"]]
+            prompt = build_prompt(settings, summary=base["summary"], turns=turns)
             try:
                 check_content(settings, base["asked"])
             except ContentFiltered:
                 refused = refused or "content_filtered"
             estimate = pricing.reply_estimate_usd(settings, model, prompt.tokens)
             if refused is None and base["monthly_budget_usd"] is not None:
-                # Only budgeted projects serialise their reply starts on the project row
-                # (held until commit); unlimited ones start replies in parallel.
-                project = await store.get_project(tx, request.project_id, lock=True)
-                budget = project["monthly_budget_usd"] if project is not None else None
-                spent = await store.spend_this_month(tx, request.project_id)
-                if budget is not None and spent + estimate > Decimal(budget):
+                # Only budgeted projects serialise their reply starts on the project row, and
+                # only from here to the commit (one insert): unlimited ones run in parallel.
+                budget = await store.lock_budget(tx, request.project_id)
+                if (
+                    budget is not None
+                    and budget["monthly_budget_usd"] is not None
+                    and Decimal(budget["spent"]) + estimate > Decimal(budget["monthly_budget_usd"])
+                ):
                     refused = "budget_exceeded"
-            row = await store.insert_reply_message(
-                tx,
-                thread_id=request.thread_id,
-                seq=seq,
-                reply_to=request.user_message_id,
-                model=model,
-                status="failed" if refused else "streaming",
+            message = json.loads(
+                await store.insert_reply(
+                    tx,
+                    thread_id=request.thread_id,
+                    project_id=request.project_id,
+                    seq=seq,
+                    reply_to=request.user_message_id,
+                    model=model,
+                    status="failed" if refused else "streaming",
+                    reserve_usd=None if refused else estimate,
+                )
             )
-            message = message_to_dict(row)
-            await store.append_event(tx, request.thread_id, seq, "message.created", message)
             pending.append(("message.created", seq, message))
-            if refused is None:
-                await store.reserve(tx, message["id"], request.project_id, estimate)
-            else:
+            if refused is not None:
                 data = self._failed_payload(message["id"], "", "failed", refused)
                 await store.append_event(tx, request.thread_id, seq + 1, "assistant.failed", data)
                 pending.append(("assistant.failed", seq + 1, data))
@@ -414,7 +411,7 @@ class AssistantService:
             # No provider call was made, so threadline_llm_requests_total is not touched.
             log.info("assistant.refused", thread_id=request.thread_id, reason=refused)
             return None
-        whole = prompt.turns_included == len(rows) < store.HISTORY_LIMIT
+        whole = prompt.turns_included == len(turns) < store.HISTORY_LIMIT
         return _Started(message=message, prompt=prompt, model=model, whole_history=whole)
 
     async def _save_periodically(self, message_id: str, parts: list[str]) -> None:

@@ -25,13 +25,22 @@ async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: st
 
     Columns: ``seq`` (the next event seq), ``monthly_budget_usd``, ``asked`` (the content of the
     message being answered, None if it is gone or deleted), ``summary`` and ``summary_end_seq`` (the
-    latest summary, None if there is none). None if the thread or project is gone.
+    latest summary, None if there is none) and ``turns``: ``[[role, content], ...]``, newest first,
+    the messages ``recent_turns`` would return (after the summary, before ``seq``). None if the
+    thread or project is gone.
     """
     return await tx.fetchrow(
         """SELECT t.last_seq + 1 AS seq, p.monthly_budget_usd,
                   (SELECT m.content FROM messages m
                     WHERE m.id = $3 AND m.thread_id = t.id AND m.deleted_at IS NULL) AS asked,
-                  s.content AS summary, s.end_seq AS summary_end_seq
+                  s.content AS summary, s.end_seq AS summary_end_seq,
+                  (SELECT COALESCE(jsonb_agg(jsonb_build_array(r.role, r.content)
+                                             ORDER BY r.seq DESC), '[]'::jsonb)
+                     FROM (SELECT seq, role, content FROM messages
+                            WHERE thread_id = t.id AND seq > COALESCE(s.end_seq, 0)
+                              AND seq <= t.last_seq AND deleted_at IS NULL
+                              AND role IN ('user', 'assistant') AND content <> ''
+                            ORDER BY seq DESC LIMIT $4) r) AS turns
              FROM threads t
              JOIN projects p ON p.id = t.project_id AND p.id = $2
              LEFT JOIN LATERAL (SELECT content, end_seq FROM summaries
@@ -41,24 +50,59 @@ async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: st
         thread_id,
         project_id,
         message_id,
+        HISTORY_LIMIT,
     )
 
 
-async def get_project(tx: Tx, project_id: str, *, lock: bool = False) -> Record | None:
-    """The project's ``monthly_budget_usd`` (None: no limit); ``lock`` holds the row until commit.
-
-    Locking serialises the budget check and reservation of concurrent replies in a project.
-    """
+async def lock_budget(tx: Tx, project_id: str) -> Record | None:
+    """Lock the project row until commit and read ``monthly_budget_usd`` and ``spent`` (this
+    month, reservations included) in one round trip: the budget check and reservation of
+    concurrent replies in a project are serialised, for as short a time as the rest of the
+    start takes (one insert and the commit)."""
     return await tx.fetchrow(
-        "SELECT id, monthly_budget_usd FROM projects WHERE id = $1"
-        + (" FOR UPDATE" if lock else ""),
+        """SELECT p.monthly_budget_usd, tl_project_spend(p.id) AS spent
+             FROM projects p WHERE p.id = $1 FOR UPDATE""",
         project_id,
     )
 
 
-async def spend_this_month(tx: Tx, project_id: str) -> Decimal:
-    """Recorded spend this month plus money reserved for replies in flight."""
-    return await project_spend_this_month(tx, project_id)
+async def insert_reply(
+    tx: Tx,
+    *,
+    thread_id: str,
+    project_id: str,
+    seq: int,
+    reply_to: str,
+    model: str,
+    status: str,
+    reserve_usd: Decimal | None,
+) -> str:
+    """In one statement: the assistant's message at ``seq`` (empty; ``streaming`` unless refused),
+    its ``message.created`` event, and, with ``reserve_usd``, the reply's budget reservation.
+
+    Returns the message as JSON text (``message_to_dict``'s, the event's payload).
+    """
+    value = await tx.fetchval(
+        """WITH m AS (
+                INSERT INTO messages (thread_id, seq, role, author_id, content, status,
+                                      reply_to, model)
+                VALUES ($1, $2, 'assistant', NULL, '', $3, $4, $5) RETURNING *),
+            e AS (
+                INSERT INTO thread_events (thread_id, seq, type, payload)
+                SELECT m.thread_id, m.seq, 'message.created', tl_message_json(m)::jsonb FROM m),
+            r AS (
+                INSERT INTO budget_reservations (message_id, project_id, amount_usd)
+                SELECT m.id, $6, $7 FROM m WHERE $7::numeric IS NOT NULL)
+           SELECT tl_message_json(m)::text FROM m""",
+        thread_id,
+        seq,
+        status,
+        reply_to,
+        model,
+        project_id,
+        reserve_usd,
+    )
+    return str(value)
 
 
 async def latest_summary(tx: Tx, thread_id: str, before_seq: int | None = None) -> Record | None:
@@ -69,49 +113,6 @@ async def latest_summary(tx: Tx, thread_id: str, before_seq: int | None = None) 
             ORDER BY end_seq DESC LIMIT 1""",
         thread_id,
         before_seq,
-    )
-
-
-async def recent_turns(
-    tx: Tx, thread_id: str, *, after_seq: int, before_seq: int, limit: int = HISTORY_LIMIT
-) -> list[Record]:
-    """Non-deleted, non-empty user/assistant messages in (after_seq, before_seq), newest first."""
-    return await tx.fetch(
-        """SELECT id, seq, role, content FROM messages
-            WHERE thread_id = $1 AND seq > $2 AND seq < $3 AND deleted_at IS NULL
-              AND role IN ('user', 'assistant') AND content <> ''
-            ORDER BY seq DESC LIMIT $4""",
-        thread_id,
-        after_seq,
-        before_seq,
-        limit,
-    )
-
-
-async def insert_reply_message(
-    tx: Tx, *, thread_id: str, seq: int, reply_to: str, model: str, status: str
-) -> Record:
-    """The assistant's message at ``seq`` (empty; ``streaming`` unless refused at once)."""
-    return await messages.insert_message(
-        tx,
-        thread_id=thread_id,
-        seq=seq,
-        role="assistant",
-        author_id=None,
-        content="",
-        status=status,
-        reply_to=reply_to,
-        model=model,
-    )
-
-
-async def reserve(tx: Tx, message_id: str, project_id: str, amount_usd: Decimal) -> None:
-    """Set money aside for a reply in flight (released when the reply is settled)."""
-    await tx.execute(
-        "INSERT INTO budget_reservations (message_id, project_id, amount_usd) VALUES ($1, $2, $3)",
-        message_id,
-        project_id,
-        amount_usd,
     )
 
 
