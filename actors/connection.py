@@ -27,8 +27,9 @@ Queues and their overflow actions:
   (a frame into an empty queue is always taken, so one frame larger than the byte bound does
   not close a client that keeps up). A stalled client thus never pins much more than
   ``outbound_bytes`` of server memory. Replay (``put``) waits for room instead.
-* inbound: ``trio.open_memory_channel(settings.ws_inbound_queue)`` (default 64 frames) between the
-  reader and the dispatcher. Full -> the reader waits, so TCP back-pressure slows the client
+* inbound: a deque of up to ``settings.ws_inbound_queue`` (default 64) admitted ops between the
+  reader and the dispatcher (a task started when ops arrive, ended when none is left, so an idle
+  connection has none). Full -> the reader waits, so TCP back-pressure slows the client
   down; ops are still rate limited (and refused with ``rate_limited``) as they are read.
 
 Metrics are counted off the per-frame path: frames out are counted by the thread actor once per
@@ -255,7 +256,11 @@ class Connection:
         self._room: trio.Event | None = None  # a replay waiting for room in the queue
         self._send_now = transport.send_now if transport.direct else None
         self._nursery: trio.Nursery | None = None
-        self._in_send, self._in_recv = trio.open_memory_channel[Any](inbound_size)
+        # Admitted ops waiting for the dispatcher, which runs only while there are some.
+        self.inbound_size = inbound_size
+        self._inbox: collections.deque[Any] = collections.deque()
+        self._inbox_room: trio.Event | None = None
+        self._dispatching = False
         self.subscriptions: set[str] = set()
         self.close_code: int | None = None
         self.close_reason: str | None = None
@@ -480,7 +485,6 @@ class Connection:
                     nursery.start_soon(timers.run)
                 # The work: the reader and the dispatcher, each in a scope that closing cancels.
                 nursery.start_soon(self._in_work_scope, self._reader)
-                nursery.start_soon(self._in_work_scope, self._dispatcher)
                 self.heartbeat.start(
                     timers,
                     self._send_ping,
@@ -509,7 +513,6 @@ class Connection:
             metrics.WS_CONNECTIONS.dec()
             metrics.WS_DISCONNECTS.labels(reason=self.close_reason).inc()
             log.info("ws.closed", code=self.close_code, reason=self.close_reason)
-            self._in_recv.close()
             self.closed.set()
 
     def _send_ping(self, payload: bytes) -> None:
@@ -532,12 +535,14 @@ class Connection:
         self._work_scopes.append(scope)
         if self.close_code is not None:
             scope.cancel()
-        with scope:
-            try:
+        try:
+            with scope:
                 await fn()
-            except TransportClosed:
-                self._peer_gone()
-                self._close_requested.set()
+        except TransportClosed:
+            self._peer_gone()
+            self._close_requested.set()
+        finally:
+            self._work_scopes.remove(scope)
 
     async def _send_close(self, nursery: trio.Nursery) -> None:
         """The frames already queued, then the close frame; abort past ``close_timeout_s``."""
@@ -565,9 +570,25 @@ class Connection:
             raw = await self.transport.receive()
             frames_in.inc()
             item = self.handler.admit(self, raw)
-            if item is not None:
-                await self._in_send.send(item)
+            if item is None:
+                continue
+            while len(self._inbox) >= self.inbound_size:  # TCP back-pressure on the client
+                self._inbox_room = room = trio.Event()
+                await room.wait()
+            self._inbox.append(item)
+            if not self._dispatching and self._nursery is not None:
+                self._dispatching = True
+                self._nursery.start_soon(self._in_work_scope, self._dispatcher)
 
     async def _dispatcher(self) -> None:
-        async for item in self._in_recv:
-            await self.handler.handle(self, item)
+        """Handle the admitted ops in order; started by the reader, ends when none is left."""
+        inbox = self._inbox
+        try:
+            while inbox:
+                item = inbox.popleft()
+                if self._inbox_room is not None:
+                    self._inbox_room.set()
+                    self._inbox_room = None
+                await self.handler.handle(self, item)
+        finally:
+            self._dispatching = False
