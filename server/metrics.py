@@ -107,6 +107,28 @@ for _k in ("prompt", "completion"):
     LLM_TOKENS.labels(kind=_k)
 for _s in ("idle", "in_use", "max"):
     DB_POOL_CONNECTIONS.labels(state=_s)
+# Counters that alerts and panels take increase()/rate() of: a series that first appears at
+# value N hides those N events from increase() (Prometheus sees no rise), so the first burst
+# of slow consumers would never alert. Found by the live-Prometheus test (tests/ops).
+for _r in (
+    "client",
+    "slow_consumer",
+    "heartbeat_timeout",
+    "rate_limited",
+    "too_large",
+    "shutdown",
+    "error",
+    "token_expired",
+    "token_revoked",
+    "protocol_error",
+    "invalid_data",
+):
+    WS_DISCONNECTS.labels(reason=_r)
+for _o in ("ok", "error", "retry", "timeout", "cancelled", "circuit_open"):
+    LLM_REQUESTS.labels(outcome=_o)
+for _o in ("ok", "skipped", "failed", "dropped"):
+    SUMMARIES.labels(outcome=_o)
+ACTOR_RESTARTS.labels(actor="thread")
 
 
 def exposition() -> tuple[bytes, str]:

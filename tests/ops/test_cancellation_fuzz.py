@@ -8,7 +8,7 @@ half of them close with a FIN, half with a RST. Afterwards: no pooled connection
 more backends than the pool may hold (``pg_stat_activity``), no 5xx, WebSocket gauge back to 0,
 the server ready.
 
-``make test`` abandons 600; ``make soak`` 10,000 (``THREADLINE_CANCEL_FUZZ_OPS``).
+``make test`` abandons 500; ``make soak`` 10,000 (``THREADLINE_CANCEL_FUZZ_OPS``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from server.runtime import open_server
 from tests.figures import record
 from tests.llm.conftest import llm_settings
 
-OPS = int(os.environ.get("THREADLINE_CANCEL_FUZZ_OPS", "600"))
+OPS = int(os.environ.get("THREADLINE_CANCEL_FUZZ_OPS", "500"))
 CONCURRENCY = 40
 POOL_MAX = 5
 
