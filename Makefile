@@ -85,8 +85,12 @@ bench: setup
 	$(BIN)/python loadtests/bench_stream.py --ttft
 
 # Long runs that are not part of `make test`; docs/reliability.md quotes their last figures.
-soak: setup
+soak: setup tools
 	$(BIN)/python loadtests/ws_fuzz.py --rounds 30
+	THREADLINE_CANCEL_FUZZ_OPS=10000 THREADLINE_SCHEMATHESIS_REQUESTS=10000 \
+	  $(BIN)/pytest -q -p no:cacheprovider tests/ops/test_cancellation_fuzz.py \
+	  tests/server/test_openapi.py::test_schemathesis_against_the_real_server
+	$(BIN)/python loadtests/soak.py --minutes 10
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage web/node_modules server/webdist

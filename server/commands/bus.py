@@ -83,6 +83,10 @@ async def execute(services: Services, principal: Principal, command: Command) ->
             if attempt == _MAX_ATTEMPTS:
                 raise Unavailable("The database was busy; try again.") from exc
             log.info("command.retried", command=type(command).__name__, error=type(exc).__name__)
+        except asyncpg.QueryCanceledError as exc:
+            # statement_timeout: a lock or the database stayed busy past the limit. The command
+            # was rolled back whole; the client may retry (sends are idempotent).
+            raise Unavailable("The database was busy; try again.") from exc
         except asyncpg.ForeignKeyViolationError as exc:
             # The parent (project/thread) was deleted by a concurrent command.
             if exc.constraint_name == "messages_created_event":
