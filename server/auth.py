@@ -35,6 +35,7 @@ import jwt
 import structlog
 from werkzeug.datastructures import Headers
 
+from server import login_throttle
 from server.authcache import Revocations, Verified, revocation_poller, revocations_from_row
 from server.config import Settings
 from server.errors import Conflict, CsrfFailed, Forbidden, Unauthorized, ValidationFailed
@@ -356,8 +357,10 @@ async def login(services: Services, email: str, password: str) -> tuple[User, Is
     """Check the credentials and sign a token; ``Unauthorized`` without saying what was wrong.
 
     An unknown e-mail costs one Argon2 verification too, so timing does not tell them apart.
+    Attempts are throttled per account (``server/login_throttle.py``): ``LoginThrottled`` (429).
     Hashes made with older parameters are upgraded on a successful login.
     """
+    await login_throttle.admit(services, email)  # 429 while this account's delay runs
     hasher = passwords(services)
     async with services.db.transaction() as tx:
         row = await user_store.get_user_by_email(tx, email)
@@ -365,6 +368,7 @@ async def login(services: Services, email: str, password: str) -> tuple[User, Is
     if row is None or not ok:
         log.info("auth.login_failed")
         raise Unauthorized(_BAD_LOGIN)
+    await login_throttle.succeeded(services, email)
     user = User(id=str(row["id"]), email=row["email"])
     if hasher.needs_rehash(row["password_hash"]):
         new_hash = await hasher.hash(password)

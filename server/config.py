@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     single_user: bool = False
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Per-account login throttle (server/login_throttle.py): attempts beyond the free ones wait
+    # base, 2 base, 4 base... at most max (the schema caps it at an hour); forgotten after a
+    # quiet period.
+    login_free_attempts: int = Field(default=5, ge=1, le=1000)
+    login_delay_base_s: float = Field(default=1.0, gt=0, le=3600)
+    login_delay_max_s: float = Field(default=300.0, gt=0, le=3600)
+    login_forget_after_s: float = Field(default=3600.0, gt=0)
     # Argon2id cost (RFC 9106 low-memory profile by default); tests use cheap values.
     argon2_time_cost: int = Field(default=3, ge=1, le=20)
     argon2_memory_kib: int = Field(default=65_536, ge=8, le=4 * 1024 * 1024)
