@@ -689,10 +689,15 @@ def error_lines(log_path: Path) -> list[str]:
     return found
 
 
-def run(dsn: str, *, rounds: int, concurrency: int, seed: int) -> dict[str, Any]:
-    """Start a server, fuzz it, stop it; the figures (with the server's error log lines)."""
+def run(
+    dsn: str, *, rounds: int, concurrency: int, seed: int, log: Path | None = None
+) -> dict[str, Any]:
+    """Start a server, fuzz it, stop it; the figures (with the server's error log lines).
+
+    ``log`` keeps the server's log there (else it goes with a temporary directory).
+    """
     with tempfile.TemporaryDirectory(prefix="tl-fuzz-log-") as tmp:
-        log_path = Path(tmp) / "server.log"
+        log_path = log or Path(tmp) / "server.log"
         with serve(dsn, log_path) as (pid, base):
             figures = trio.run(
                 lambda: fuzz(
@@ -711,13 +716,17 @@ def run(dsn: str, *, rounds: int, concurrency: int, seed: int) -> dict[str, Any]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--concurrency", type=int, default=32)
+    # Hostile input, not load: a few connections at a time (load has its own tools).
+    parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--log", type=Path, help="keep the server's log in this file")
     args = parser.parse_args()
     from loadtests import harness
 
     with harness.database() as dsn:
-        figures = run(dsn, rounds=args.rounds, concurrency=args.concurrency, seed=args.seed)
+        figures = run(
+            dsn, rounds=args.rounds, concurrency=args.concurrency, seed=args.seed, log=args.log
+        )
     print(json.dumps(figures, indent=2))
     ok = (
         not figures["failures"]

@@ -356,6 +356,14 @@ class Database:
             max_size=max_size,
             timeout=connect_timeout_s,
             command_timeout=statement_timeout_ms / 1000 + 5,
+            # No 300 s timers: asyncpg re-arms one on every pool release (idle connections) and
+            # on every use of a cached statement (statement expiry), and trio-asyncio keeps a
+            # cancelled timer -- with the contextvars of the task that armed it: a request's or
+            # a WebSocket's whole object graph -- until it falls due. That held ~35 KB per
+            # WebSocket for 5 minutes (found by loadtests/ws_fuzz.py). The pool stays between
+            # min_size and max_size anyway, and the statement cache is bounded by count.
+            max_inactive_connection_lifetime=0,
+            max_cached_statement_lifetime=0,
             server_settings={
                 "statement_timeout": str(statement_timeout_ms),
                 "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 6, 60_000)),

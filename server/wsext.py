@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import socket
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from importlib.metadata import version
 from typing import Any
@@ -236,7 +237,9 @@ def install() -> None:
 
     @functools.wraps(original_run)
     async def run(self: Any) -> None:
-        _tcp_server.set(self)
+        # A weak reference: copies of this task's context outlive it (e.g. in asyncio timer
+        # handles), and must not keep the whole connection alive.
+        _tcp_server.set(weakref.ref(self))
         # The send gate: used exactly as the lock it replaces, and also by WSControl's direct
         # writes, which may take it in one task and give it back in another.
         self.send_lock = trio.Semaphore(1)
@@ -244,7 +247,8 @@ def install() -> None:
 
     @functools.wraps(original_accept)
     async def _accept(self: Any, message: Any) -> None:
-        control = WSControl(self, _tcp_server.get(None))
+        tcp_ref = _tcp_server.get(None)
+        control = WSControl(self, tcp_ref() if tcp_ref is not None else None)
         self.scope.setdefault("extensions", {})[EXTENSION_KEY] = control
         self._threadline = control
         # No permessage-deflate: every event goes to many clients, and per-connection zlib
