@@ -37,16 +37,20 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-# promtool (Debian package `prometheus`) checks the alert rules; installed when missing and we can.
-# Without it the alert-rule tests skip with a visible reason.
+# promtool (Debian package `prometheus`) checks the alert rules and dashboard queries. Installed
+# when missing, as root; `make test` cannot pass without it: fail loudly. (pytest run by hand
+# without it skips those tests with a reason; under `make test` THREADLINE_REQUIRE_TOOLS=1 turns
+# that skip into a failure.)
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
-	     { apt-get update -qq >/dev/null 2>&1 && \
-	       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }) || \
-	    echo "tools: could not install promtool; its tests will be skipped"; \
-	  else echo "tools: promtool not found; its tests will be skipped"; fi; }
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	  fi; \
+	  command -v promtool >/dev/null 2>&1 || { \
+	    echo "tools: promtool (Debian's prometheus) is required by the alert-rule tests and could not be installed (apt-get install prometheus, as root)" >&2; \
+	    exit 1; }; }
 
 # Debian's chromium drives the browser tests (tests/web); Playwright cannot download its own
 # browser here. Installed when missing, as root; without it the suite cannot pass: fail loudly.
@@ -69,7 +73,7 @@ webcheck: setup
 	cd web && npm test
 
 pytest: setup tools browser
-	$(BIN)/pytest --cov --cov-report=term --cov-fail-under=85
+	THREADLINE_REQUIRE_TOOLS=1 $(BIN)/pytest --cov --cov-report=term --cov-fail-under=85
 
 test: lint typecheck webcheck pytest
 

@@ -87,9 +87,12 @@ async def test_never_retried_once_text_was_streamed(tmp_path: Path, fake_llm: Fa
 async def test_total_timeout_covers_a_hanging_provider(tmp_path: Path, fake_llm: FakeLLM) -> None:
     client = _client(tmp_path, fake_llm, llm_total_timeout_s=0.3, llm_read_timeout_s=10.0)
     fake_llm.configure(hang=True)
-    with pytest.raises(LLMError) as caught:
+    # Read timeouts alone would take 10 s (and retries): the total deadline must end it first.
+    with trio.fail_after(5), pytest.raises(LLMError) as caught:
         await client.stream_chat(PROMPT)
     assert caught.value.reason == "timeout"
+    assert "within 0.3s" in str(caught.value)  # the total timeout's failure, not a read's
+    assert fake_llm.stats.requests == 1
     fake_llm.configure(hang=False)
     await client.aclose()
 

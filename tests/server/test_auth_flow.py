@@ -110,8 +110,10 @@ async def test_secure_cookies_in_production(tmp_path: Path, pg_dsn: str, aio_loo
         await _register(http, email)
         login = await _login(http, email)
         assert login.status_code == 200
-        for header in _set_cookies(login).values():
-            assert "secure" in header.lower()
+        cookies = _set_cookies(login)
+        assert set(cookies) == {"tl_session", "tl_csrf"}, cookies
+        for header in cookies.values():
+            assert "; secure" in header.lower(), header
 
 
 async def test_bad_credentials_do_not_say_what_was_wrong(client: httpx.AsyncClient) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -106,11 +107,21 @@ async def test_tampered_payload_is_refused(
     _, token = await _user_token(server)
     other_id, _ = await _user_token(server)
     header, _, signature = token.split(".")
+    # Every claim of the real token, valid as it is; only ``sub`` now names another user.
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert {"sub", "aud", "iat", "exp", "jti", "typ"} <= claims.keys()
+    forged_claims = {**claims, "sub": other_id}
     forged_payload = jwt.api_jws.base64url_encode(
-        jwt.utils.force_bytes(f'{{"sub":"{other_id}"}}')
+        json.dumps(forged_claims, separators=(",", ":")).encode()
     ).decode()
     response = await _me(client, f"{header}.{forged_payload}.{signature}")
     assert response.status_code == 401
+    # The control: the same claims, signed with the server's key, are accepted -- so the refusal
+    # above is for the signature alone.
+    key = server.services.settings.signing_key()
+    resigned = jwt.encode(forged_claims, key, algorithm="HS256")
+    accepted = await _me(client, resigned)
+    assert accepted.status_code == 200 and accepted.json()["user"]["id"] == other_id
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from server.commands import (
     EditMessage,
     SendMessage,
     UpdateProject,
+    UpdateThread,
     execute,
     parse_command,
 )
@@ -186,19 +187,37 @@ async def test_other_users_resources_are_not_found(services: Services) -> None:
     owner = await make_principal(services)
     stranger = await make_principal(services)
     thread_id = await _thread(services, owner)
+    project_id = await services.db.fetchval(
+        "SELECT project_id FROM threads WHERE id = $1", thread_id
+    )
     sent = await execute(
         services, owner, SendMessage(thread_id=thread_id, content="a", reply=False)
     )
     assert sent.data is not None
+    # Each command names one of the owner's resources, which exist: only ownership differs.
     for cmd in (
-        SendMessage(thread_id=thread_id, content="b"),
+        SendMessage(thread_id=thread_id, content="b", reply=False),
         EditMessage(message_id=sent.data["id"], content="c", expected_version=1),
         DeleteMessage(message_id=sent.data["id"], expected_version=1),
-        UpdateProject(project_id=str(uuid.uuid4()), name="n"),
-        SendMessage(thread_id="not-a-uuid", content="b"),
+        UpdateProject(project_id=str(project_id), name="n"),
+        UpdateThread(thread_id=thread_id, title="n"),
     ):
         with pytest.raises(NotFound):
             await execute(services, stranger, cmd)
+    # ...and nothing of the owner's changed.
+    message = await services.db.fetchrow(
+        "SELECT content, version, deleted_at FROM messages WHERE id = $1", sent.data["id"]
+    )
+    assert message is not None
+    assert (message["content"], message["version"], message["deleted_at"]) == ("a", 1, None)
+    assert await services.db.fetchval("SELECT name FROM projects WHERE id = $1", project_id) == "p"
+    assert await services.db.fetchval("SELECT title FROM threads WHERE id = $1", thread_id) == "t"
+    assert (
+        await services.db.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", thread_id)
+        == 1
+    )
+    # The same commands from the owner succeed (the control).
+    assert (await execute(services, owner, UpdateThread(thread_id=thread_id, title="n"))).data
 
 
 def test_parse_command_names_the_fields() -> None:
