@@ -16,6 +16,7 @@ route and a shutdown hook that closes every client with 1001 within the grace pe
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -191,9 +192,10 @@ async def ws_endpoint() -> Response | None:
     if control is not None:
         control.on_pong = heartbeat.pong
     ws_object = websocket._get_current_object()  # type: ignore[attr-defined]
+    ops = WSOps(services, realtime.hub, principal, client_ip, current_request_id())
     conn = Connection(
         QuartTransport(ws_object, control),
-        WSOps(services, realtime.hub, principal, client_ip, current_request_id()),
+        ops,
         heartbeat,
         outbound_size=settings.ws_outbound_queue,
         outbound_bytes=settings.ws_outbound_queue_bytes,
@@ -204,6 +206,7 @@ async def ws_endpoint() -> Response | None:
     )
     if control is not None:
         control.on_server_close = conn.server_closed
+        control.on_ping = functools.partial(ops.charge_ping, conn)
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     realtime.connections.add(conn)
     realtime.tokens[conn] = principal.jti

@@ -88,6 +88,9 @@ class WSControl:
         self._stream = stream
         self._tcp = tcp
         self.on_pong: Callable[[bytes], None] = lambda payload: None
+        # Called for every Ping frame the client sends (hypercorn answers it with a Pong), so
+        # the app can charge pings to its rate limiter: a ping flood is abuse like any other.
+        self.on_ping: Callable[[], None] = lambda: None
         # Called when hypercorn itself closes the WebSocket (1009 oversize, 1002/1007 protocol
         # violation), so the app can end at once instead of waiting for a close reply that the
         # rest of an oversized frame may swallow.
@@ -200,7 +203,8 @@ class WSControl:
 
 
 def _observe(connection: Any, control: WSControl) -> None:
-    """Wrap a wsproto connection's ``events`` (pongs reported; protocol violations answered)."""
+    """Wrap a wsproto connection's ``events`` (pongs and pings reported; protocol violations
+    answered)."""
     events = connection.events
     open_state = ConnectionState.OPEN
 
@@ -208,6 +212,8 @@ def _observe(connection: Any, control: WSControl) -> None:
         for event in events():
             if isinstance(event, Pong):
                 control._pong(bytes(event.payload))
+            elif isinstance(event, Ping):
+                control.on_ping()
             elif isinstance(event, CloseConnection) and connection.state is open_state:
                 # wsproto found a protocol violation (its ParseFailed: 1002, or 1007 for invalid
                 # UTF-8) and reports it as a close while still OPEN; hypercorn then drops the

@@ -5,8 +5,9 @@ same errors); ``subscribe`` checks that the thread belongs to one of the user's 
 ``not_found`` otherwise) and then goes through the hub (replay, then live).
 
 Every inbound frame is charged to the shared rate limiter, per user and per client IP, as it is
-read. A refusal is an error reply ``rate_limited``; ``settings.ws_abuse_strikes`` refusals in a
-row close the connection 4029 ``rate_limited``.
+read; Ping frames too (``charge_ping``, called by the transport). A refusal is an error reply
+``rate_limited`` (for a Ping, only a strike); ``settings.ws_abuse_strikes`` refusals in a row
+close the connection 4029 ``rate_limited``.
 """
 
 from __future__ import annotations
@@ -145,6 +146,14 @@ class WSOps:
                 conn.close(CLOSE_RATE_LIMITED, "rate_limited")
             raise
         conn.strikes = 0
+
+    def charge_ping(self, conn: Connection) -> None:
+        """A Ping frame from the client is charged like an op (the server answers every one);
+        it has no ref to answer, so a refusal only counts a strike (4029 after enough)."""
+        try:
+            self._charge(conn)
+        except RateLimited:
+            pass
 
     def _refuse(self, conn: Connection, ref: str | None, exc: ThreadlineError) -> None:
         conn.send_frame(reply_error(ref, exc, self.request_id))

@@ -7,9 +7,16 @@ over 200 connections plus half-finished handshakes. ``make soak`` runs many more
 
 from __future__ import annotations
 
+import contextlib
 import json
+from pathlib import Path
+
+import trio
 
 from loadtests import ws_fuzz
+from server.runtime import open_server
+from tests.conftest import make_settings
+from tests.server.ws_support import new_owner
 
 
 def test_hostile_frames_get_the_right_close_and_leave_nothing_behind(pg_dsn: str) -> None:
@@ -31,3 +38,25 @@ def test_hostile_frames_get_the_right_close_and_leave_nothing_behind(pg_dsn: str
     assert figures["close_wait_after"] == 0
     assert figures["open_websockets_after"] == 0
     assert figures["rss_growth_mb"] < 30
+
+
+async def test_a_ping_flood_is_rate_limited_like_ops(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    # Every Ping costs the server a Pong: pings are charged like ops, and a flood ends 4029.
+    settings = make_settings(
+        tmp_path, rate_limit_per_s=5.0, rate_limit_burst=20, ws_abuse_strikes=10
+    )
+    async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as server:
+        owner = await new_owner(server.services)
+        host, port = server.url.removeprefix("http://").split(":")
+        peer = await ws_fuzz.Peer.open(host, int(port), owner.token)
+        for _ in range(200):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await peer.send(ws_fuzz.frame(ws_fuzz.PING, b"flood"))
+        with trio.fail_after(ws_fuzz.OUTCOME_TIMEOUT_S):
+            await peer.read_until(lambda: peer.close_code is not None)
+        assert peer.close_code == 4029
+        # Pongs came back for the pings admitted before the close (about the burst).
+        assert 0 < peer.pongs <= 200
+        await peer.stream.aclose()
