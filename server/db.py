@@ -357,11 +357,12 @@ class Database:
             timeout=connect_timeout_s,
             command_timeout=statement_timeout_ms / 1000 + 5,
             # No 300 s timers: asyncpg re-arms one on every pool release (idle connections) and
-            # on every use of a cached statement (statement expiry), and trio-asyncio keeps a
-            # cancelled timer -- with the contextvars of the task that armed it: a request's or
-            # a WebSocket's whole object graph -- until it falls due. That held ~35 KB per
-            # WebSocket for 5 minutes (found by loadtests/ws_fuzz.py). The pool stays between
-            # min_size and max_size anyway, and the statement cache is bounded by count.
+            # on every use of a cached statement (statement expiry). Under trio-asyncio a
+            # cancelled timer kept the contextvars of the task that armed it (a request's or a
+            # WebSocket's whole object graph) until it fell due: ~35 KB per WebSocket for 5
+            # minutes (found by loadtests/ws_fuzz.py). On the asyncpg thread's own loop tasks
+            # carry that thread's context, not a request's; still no timer is needed: the pool
+            # stays between min_size and max_size, and the statement cache is bounded by count.
             max_inactive_connection_lifetime=0,
             max_cached_statement_lifetime=0,
             server_settings={

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import trio
 
-from server.db import Database
+from server.db import Database, aio
 from server.errors import Unavailable
 
 
@@ -167,15 +167,47 @@ async def test_an_atomic_statement_cancelled_while_blocked_commits_nothing_ever(
 
 
 async def test_queries_leave_no_long_timers_behind(db: Database) -> None:
-    """asyncpg arms asyncio timers (idle connection, statement expiry: 300 s each) and
-    trio-asyncio keeps even cancelled ones, with the contextvars of the task that armed them --
-    a request's or a WebSocket's whole object graph -- until they fall due. None may outlive
-    the command timeout (found by loadtests/ws_fuzz.py as ~35 KB held per WebSocket for 5 min).
+    """asyncpg arms asyncio timers (idle connection, statement expiry: 300 s each), and a loop
+    keeps even cancelled ones, with the contextvars of the task that armed them, until they fall
+    due. None may outlive the command timeout (found by loadtests/ws_fuzz.py as ~35 KB held per
+    WebSocket for 5 min under trio-asyncio). Read on the loop asyncpg actually runs on.
     """
     for _ in range(5):
         await db.fetchval("SELECT $1::int", 1)
     async with db.transaction() as tx:
         await tx.fetchval("SELECT 1")
-    loop = asyncio.get_event_loop()
-    far = [t for t in loop._timers if t._when - loop.time() > 60]  # type: ignore[attr-defined]
-    assert far == []
+
+    async def far_timers() -> list[object]:  # read in the loop asyncpg runs on, in its thread
+        loop = asyncio.get_running_loop()
+        return [t for t in loop._scheduled if t.when() - loop.time() > 60]  # type: ignore[attr-defined]
+
+    assert await aio(far_timers)() == []
+
+
+async def test_the_bridge_waits_for_asyncio_cleanup_before_trio_sees_the_cancel() -> None:
+    """A cancelled caller resumes only once the asyncio side has finished its cleanup, and
+    results and errors cross the bridge unchanged."""
+    cleaned: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)  # cleanup that itself waits on the asyncio loop
+            cleaned.append("done")
+            raise
+
+    async def fail() -> None:
+        raise ValueError("from asyncio")
+
+    async def value(n: int) -> int:
+        await asyncio.sleep(0)
+        return n * 2
+
+    with trio.move_on_after(0.05) as scope:
+        await aio(slow)()
+    assert scope.cancelled_caught
+    assert cleaned == ["done"]
+    with pytest.raises(ValueError, match="from asyncio"):
+        await aio(fail)()
+    assert await aio(value)(21) == 42
