@@ -359,7 +359,15 @@ class Connection:
         self._writing = True
         self._written = trio.Event()
         metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue))
-        self._nursery.start_soon(self._write_direct if self._send_now else self._write_frames)
+        try:
+            self._nursery.start_soon(self._write_direct if self._send_now else self._write_frames)
+        except RuntimeError:
+            # The connection's nursery is closing (the client is going away) while a thread
+            # actor offers it a frame: nothing will be written; that must not fail the actor
+            # (seen in the soak: thread actors crashed with "Nursery is closed").
+            self._nursery = None
+            self._writing = False
+            self._written.set()
 
     def _consume(self, written: int) -> None:
         """``written`` bytes of the queue's head frames went to the kernel."""

@@ -53,6 +53,7 @@ class Samples:
     latency: dict[tuple[int, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     ops: int = 0
+    client_exits: list[float] = field(default_factory=list)  # seconds into the run
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
@@ -69,7 +70,12 @@ async def sampler(base: str, pid: int, samples: Samples, started: float, every: 
     proc = psutil.Process(pid)
     async with httpx.AsyncClient(base_url=base, timeout=10) as http:
         while True:
-            text = (await http.get("/metrics")).text
+            try:
+                text = (await http.get("/metrics")).text
+            except httpx.HTTPError:
+                samples.errors["metrics_scrape"] += 1
+                await trio.sleep(every)
+                continue
             samples.rows.append(
                 {
                     "t": time.monotonic() - started,
@@ -160,6 +166,7 @@ async def client(
             except Exception as exc:  # counted; the soak goes on
                 samples.errors[type(exc).__name__] += 1
             await trio.sleep(rng.uniform(0, 0.5))  # then reconnect: connection churn
+    samples.client_exits.append(round(time.monotonic() - started, 1))
 
 
 def _setup(base: str, clients: int) -> list[tuple[str, str]]:
@@ -195,7 +202,13 @@ def _p99(values: list[float]) -> float:
 def evaluate(samples: Samples, args: argparse.Namespace, after: dict[str, float]) -> dict[str, Any]:
     rows, warm = samples.rows, args.warmup_s
     end = args.minutes * 60
-    figures: dict[str, Any] = {"ops": samples.ops, "errors": dict(samples.errors), "checks": {}}
+    figures: dict[str, Any] = {
+        "ops": samples.ops,
+        "errors": dict(samples.errors),
+        "client_exits_s": sorted(samples.client_exits),
+        "sampled_until_s": round(rows[-1]["t"], 1) if rows else 0,
+        "checks": {},
+    }
     for key in ("rss_mb", "fds", "ws", "actors"):
         first = _window(rows, key, warm, warm + 60)
         last = _window(rows, key, end - 60, end)
@@ -239,7 +252,9 @@ async def soak(base: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
                     break
         nursery.cancel_scope.cancel()
     after = {k: samples.rows[-1][k] for k in ("ws", "pool_in_use", "actors", "fds", "rss_mb")}
-    return evaluate(samples, args, after)
+    figures = evaluate(samples, args, after)
+    figures["rows"] = samples.rows
+    return figures
 
 
 @contextlib.contextmanager
@@ -308,6 +323,7 @@ def main() -> int:
     figures["minutes"] = args.minutes
     figures["clients"] = args.clients
     args.out.write_text(json.dumps(figures, indent=2))
+    args.out.with_suffix(".rows.json").write_text(json.dumps(figures.pop("rows", [])))
     print(json.dumps(figures, indent=2))
     failed = [name for name, ok in figures["checks"].items() if not ok]
     print("soak:", "FAILED " + ", ".join(failed) if failed else "all checks passed")
