@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,10 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
     """Prometheus scraping ``target`` every second; yields its base URL."""
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("prometheus is not installed: `make tools` installs Debian's package")
+        reason = "prometheus is not installed: `make tools` installs Debian's package"
+        if os.environ.get("THREADLINE_REQUIRE_TOOLS") == "1":  # set by `make test`: must run
+            pytest.fail(reason)
+        pytest.skip(reason)
     port = _free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
