@@ -353,14 +353,17 @@ async def create_user_with_token(
     return user, await issue_token(services, user.id)
 
 
-async def login(services: Services, email: str, password: str) -> tuple[User, IssuedToken]:
+async def login(
+    services: Services, email: str, password: str, device: str | None = None
+) -> tuple[User, IssuedToken]:
     """Check the credentials and sign a token; ``Unauthorized`` without saying what was wrong.
 
     An unknown e-mail costs one Argon2 verification too, so timing does not tell them apart.
-    Attempts are throttled per account (``server/login_throttle.py``): ``LoginThrottled`` (429).
+    Attempts are throttled per account (``server/login_throttle.py``): ``LoginThrottled`` (429);
+    ``device`` is the ``tl_device`` cookie, which lets a known device past the account's delay.
     Hashes made with older parameters are upgraded on a successful login.
     """
-    await login_throttle.admit(services, email)  # 429 while this account's delay runs
+    await login_throttle.admit(services, email, device)  # 429 while the delay runs
     hasher = passwords(services)
     async with services.db.transaction() as tx:
         row = await user_store.get_user_by_email(tx, email)
@@ -368,7 +371,7 @@ async def login(services: Services, email: str, password: str) -> tuple[User, Is
     if row is None or not ok:
         log.info("auth.login_failed")
         raise Unauthorized(_BAD_LOGIN)
-    await login_throttle.succeeded(services, email)
+    await login_throttle.succeeded(services, email, device)
     user = User(id=str(row["id"]), email=row["email"])
     if hasher.needs_rehash(row["password_hash"]):
         new_hash = await hasher.hash(password)

@@ -14,7 +14,7 @@ import structlog
 from pydantic import BaseModel, Field, field_validator
 from quart import Blueprint, Response, jsonify, request
 
-from server import auth, metrics
+from server import auth, login_throttle, metrics
 from server.api.context import client_ip, current_principal, current_services, parse_body
 from server.errors import CsrfFailed, RateLimited, ThreadlineError, Unauthorized
 from server.passwords import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS
@@ -87,7 +87,9 @@ async def login() -> Response:
     _refuse_foreign_origin()
     body = await parse_body(LoginBody)
     services = current_services()
-    user, issued = await auth.login(services, body.email.strip(), body.password)
+    email = body.email.strip()
+    device = request.cookies.get(login_throttle.DEVICE_COOKIE)
+    user, issued = await auth.login(services, email, body.password, device)
     response = jsonify(
         {"user": user.public(), "access_token": issued.token, "csrf_token": issued.csrf_token}
     )
@@ -111,6 +113,17 @@ async def login() -> Response:
         httponly=False,
         samesite="Strict",
     )
+    if login_throttle.device_key(services.settings, email, device) is None:
+        # This browser is now a known device of the account (see server/login_throttle.py).
+        response.set_cookie(
+            login_throttle.DEVICE_COOKIE,
+            login_throttle.device_token(services.settings, email),
+            max_age=login_throttle.DEVICE_TTL_S,
+            path="/api/v1/auth/login",
+            secure=secure,
+            httponly=True,
+            samesite="Strict",
+        )
     response.headers["Cache-Control"] = "no-store"
     return response
 

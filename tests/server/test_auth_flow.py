@@ -111,7 +111,7 @@ async def test_secure_cookies_in_production(tmp_path: Path, pg_dsn: str, aio_loo
         login = await _login(http, email)
         assert login.status_code == 200
         cookies = _set_cookies(login)
-        assert set(cookies) == {"tl_session", "tl_csrf"}, cookies
+        assert set(cookies) == {"tl_session", "tl_csrf", "tl_device"}, cookies
         for header in cookies.values():
             assert "; secure" in header.lower(), header
 

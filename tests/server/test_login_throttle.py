@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from server.auth import create_user
-from server.login_throttle import account_key
+from server.login_throttle import DEVICE_COOKIE, account_key
 from server.runtime import RunningServer, open_server
 from tests.conftest import make_settings
 from tests.server.rest_client import assert_error
@@ -159,3 +159,42 @@ async def test_the_schema_caps_the_delay(db: Any) -> None:
         await db.fetchval("INSERT INTO login_throttle VALUES ($1, 1, now(), now())", b"short")
     with pytest.raises(asyncpg.CheckViolationError):
         await db.fetchval("INSERT INTO login_throttle VALUES ($1, 0, now(), now())", key)
+
+
+async def test_a_known_device_is_not_locked_out_by_strangers(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    slow = {"login_delay_base_s": 30.0, "login_delay_max_s": 60.0}
+    async with (
+        node(tmp_path, pg_dsn, **slow) as server,
+        httpx.AsyncClient(base_url=server.url) as owner,
+        httpx.AsyncClient(base_url=server.url) as stranger,
+    ):
+        email = await new_account(server)
+        # The owner logs in once: this browser becomes a known device of the account.
+        first = await attempt(owner, email, PASSWORD, 1)
+        assert first.status_code == 200
+        device = owner.cookies.get(DEVICE_COOKIE)
+        (set_device,) = [
+            h for h in first.headers.get_list("set-cookie") if h.startswith(f"{DEVICE_COOKIE}=")
+        ]
+        assert device and "httponly" in set_device.lower()
+        assert "path=/api/v1/auth/login" in set_device.lower()
+        # Strangers drive the account into its delay.
+        for i in range(3):
+            assert (await attempt(stranger, email, f"guess-{i}", 10 + i)).status_code == 401
+        refused_for(await attempt(stranger, email, PASSWORD, 20))
+        # The owner's known device still gets in, at once.
+        assert (await attempt(owner, email, PASSWORD, 1)).status_code == 200
+        # A device token of another account, or a forged one, is no way around the delay.
+        other = await new_account(server)
+        other_device = httpx.AsyncClient(base_url=server.url)
+        async with other_device:
+            assert (await attempt(other_device, other, PASSWORD, 30)).status_code == 200
+            refused_for(await attempt(other_device, email, PASSWORD, 31))
+        stranger.cookies.set(DEVICE_COOKIE, device[:-4] + "AAAA", path="/api/v1/auth/login")
+        refused_for(await attempt(stranger, email, PASSWORD, 32))
+        # A known device's own wrong guesses are throttled alike (its own row).
+        for i in range(3):
+            assert (await attempt(owner, email, f"typo-{i}", 1)).status_code == 401
+        refused_for(await attempt(owner, email, PASSWORD, 1))
