@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -68,23 +69,68 @@ def threadline_setup(base: str) -> tuple[str, str]:
         return token, str(thread["id"])
 
 
-def publish(target: Target, events: int, rate: float, pad: int) -> float:
-    """Post ``events`` messages at ``rate`` per second (or as fast as answered); elapsed s."""
-    with httpx.Client(
-        base_url=target.base, timeout=60, headers={"Authorization": f"Bearer {target.token}"}
-    ) as http:
-        start = time.monotonic()
-        for i in range(events):
-            body = {
-                "content": f"{time.time():.6f}".ljust(pad),
-                "client_msg_id": uuid.uuid4().hex,
-                "reply": False,
-            }
-            http.post(f"/api/v1/threads/{target.thread_id}/messages", json=body).raise_for_status()
-            delay = start + (i + 1) / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        return time.monotonic() - start
+def publish(target: Target, events: int, rate: float, pad: int, concurrency: int = 8) -> float:
+    """Post ``events`` messages, event i at start + i / ``rate``, from ``concurrency`` threads
+    (a send takes longer than 1 / rate: one at a time could not keep the pace); elapsed s."""
+    start = time.monotonic()
+    lock = threading.Lock()
+    next_index = [0]
+
+    def worker() -> None:
+        with httpx.Client(
+            base_url=target.base, timeout=60, headers={"Authorization": f"Bearer {target.token}"}
+        ) as http:
+            while True:
+                with lock:
+                    i = next_index[0]
+                    next_index[0] += 1
+                if i >= events:
+                    return
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                body = {
+                    "content": f"{time.time():.6f}".ljust(pad),
+                    "client_msg_id": uuid.uuid4().hex,
+                    "reply": False,
+                }
+                url = f"/api/v1/threads/{target.thread_id}/messages"
+                http.post(url, json=body).raise_for_status()
+
+    threads = [threading.Thread(target=worker) for _ in range(min(concurrency, events))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.monotonic() - start
+
+
+def delivery_buckets(target: Target) -> list[tuple[float, float]]:
+    """Threadline's commit -> frame-handed-to-sockets histogram: cumulative (le, count)."""
+    if target.name != "threadline":
+        return []
+    text = httpx.get(f"{target.base}/metrics", timeout=30).text
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith("threadline_event_delivery_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    return buckets
+
+
+def bucket_quantiles(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> dict[str, float]:
+    """Upper bounds (ms) of the buckets holding p50 and p99 of the events between two scrapes."""
+    diff = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = diff[-1][1] if diff else 0.0
+    result: dict[str, float] = {}
+    for q in (0.5, 0.99):
+        for le, count in diff:
+            if total and count >= q * total:
+                result[f"p{int(q * 100)}_le_ms"] = le * 1000
+                break
+    return result
 
 
 def publish_cost(target: Target, args: argparse.Namespace) -> float:
@@ -123,10 +169,12 @@ def fanout(
         clients.wait_ready(timeout_s=120 + n * 0.01)
         time.sleep(0.5)
         profiler = profile(target, n, args)
+        scraped = delivery_buckets(target)
         wall0, (user0, sys0) = time.monotonic(), harness.cpu_split(target.pid)
         published_for = publish(target, events, rate, args.pad)
         results = clients.results(timeout_s=args.seconds + 60)
         user1, sys1 = harness.cpu_split(target.pid)
+        server_side = bucket_quantiles(scraped, delivery_buckets(target)) if scraped else {}
         wall, cpu = time.monotonic() - wall0, (user1 - user0) + (sys1 - sys0)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
@@ -161,6 +209,7 @@ def fanout(
         "user_us_per_delivery": round((user1 - user0) / max(received, 1) * 1e6, 1),
         "sys_us_per_delivery": round((sys1 - sys0) / max(received, 1) * 1e6, 1),
         "publish_cpu_ms": round(per_publish_s * 1000, 2),
+        "server_commit_to_sockets": server_side,
         "closes": closes,
     }
 
