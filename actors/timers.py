@@ -20,6 +20,10 @@ import trio
 log = structlog.get_logger(__name__)
 
 
+def _nothing() -> None:
+    return None
+
+
 class Timer:
     """A scheduled callback; ``cancel()`` it if it is no longer wanted (idempotent)."""
 
@@ -32,6 +36,9 @@ class Timer:
 
     def cancel(self) -> None:
         self.cancelled = True
+        # The heap keeps this entry until its deadline comes up (a token expiry: hours away);
+        # the callback must not keep what it closes over (a whole connection) alive that long.
+        self.fn = _nothing
 
 
 class Timers:
@@ -41,6 +48,10 @@ class Timers:
         self._heap: list[tuple[float, int, Timer]] = []
         self._order = itertools.count()
         self._changed = trio.Event()
+        # Cancelled entries leave the heap only from its top; with connection churn (each
+        # socket cancels a far-off expiry) the heap is compacted once it doubles, which keeps
+        # it within 2x the live timers at an amortised O(1) per call.
+        self._compact_at = 1024
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -51,7 +62,14 @@ class Timers:
         if not self._heap or when < self._heap[0][0]:
             self._changed.set()  # the loop sleeps until a later deadline: wake it
         heapq.heappush(self._heap, (when, next(self._order), timer))
+        if len(self._heap) >= self._compact_at:
+            self._compact()
         return timer
+
+    def _compact(self) -> None:
+        self._heap[:] = [entry for entry in self._heap if not entry[2].cancelled]
+        heapq.heapify(self._heap)
+        self._compact_at = max(1024, 2 * len(self._heap))
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
         """Call ``fn()`` ``delay`` seconds from now."""
