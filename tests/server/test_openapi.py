@@ -40,8 +40,27 @@ OPERATIONS = 17  # every resource operation (auth is exercised by its own tests)
 # About 60 % of the budget for single operations, the rest for linked scenarios.
 EXAMPLES_PER_OPERATION = max(25, REQUESTS * 6 // 10 // OPERATIONS)
 STATEFUL_SCENARIOS = max(10, REQUESTS * 4 // 10 // 8)  # a scenario is a few linked calls
+BUSY: Counter[str] = Counter()  # 503 unavailable answers (the database stalled), by operation
+
+
+@schemathesis.check
+def no_server_error_but_busy(ctx: Any, response: Any, case: schemathesis.Case) -> bool | None:
+    """No 5xx, except the contract's 503 ``unavailable`` (the database did not answer in time:
+    seen when the shared machine stalls; a documented, retryable answer, counted in the figures).
+    """
+    if response.status_code == 503:
+        try:
+            code = response.json()["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = None
+        if code == "unavailable":
+            BUSY[f"{case.method} {case.path}"] += 1
+            return None
+    return not_a_server_error(ctx, response, case)  # type: ignore[no-any-return]
+
+
 CHECKS = [
-    not_a_server_error,
+    no_server_error_but_busy,
     response_schema_conformance,
     status_code_conformance,
     content_type_conformance,
@@ -134,7 +153,7 @@ def _fuzz(doc: dict[str, Any], base_url: str, token: str) -> dict[str, Counter[i
         )
         def run(case: schemathesis.Case) -> None:
             response = case.call(
-                base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+                base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
             )
             seen[response.status_code] += 1  # noqa: B023 - run() is called right below
             case.validate_response(response, checks=checks)
@@ -155,7 +174,9 @@ def _fuzz_stateful(doc: dict[str, Any], base_url: str, token: str) -> Counter[st
 
     class Scenarios(schema.as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
-            return {"base_url": base_url, "headers": headers, "timeout": 10}
+            # Longer than any wait of the server's own (pool 10 s, statements 5 s): its
+            # answer always arrives.
+            return {"base_url": base_url, "headers": headers, "timeout": 30}
 
         def after_call(self, response: Any, case: schemathesis.Case) -> None:
             seen[f"{case.operation.definition.raw['operationId']} {response.status_code}"] += 1
@@ -208,6 +229,7 @@ async def test_schemathesis_against_the_real_server(
         scenarios=STATEFUL_SCENARIOS,
         operations=len(statuses),
         linked_operations=len(stateful),
+        unavailable_503=sum(BUSY.values()),
         linked_2xx=sorted({k.rsplit(" ", 1)[0] for k, n in stateful.items() if n and k[-3] == "2"}),
         statuses=dict(
             sum(statuses.values(), Counter())
