@@ -64,8 +64,29 @@ class Subscriber(Protocol):
         """The actor removed this subscriber; must not block."""
 
 
+@dataclass(frozen=True, slots=True)
+class Inflight:
+    """A reply being generated when the actor starts (on this node or another)."""
+
+    message_id: str
+    text: str  # the text of deltas ``0 .. next_index - 1``
+    next_index: int | None  # None: unknown (``text`` is the last save; later deltas are added)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadStart:
+    """What an actor starts from: the last committed seq and the replies in flight."""
+
+    last_seq: int
+    inflight: list[Inflight] = field(default_factory=list)
+
+
 class EventLog(Protocol):
     """Read access to the durable ``thread_events`` log (``server/storage/events.py``)."""
+
+    async def start(self, thread_id: str) -> ThreadStart:
+        """The thread's last committed seq, and its replies being generated (with their text so
+        far, asked of the node generating each)."""
 
     async def last_seq(self, thread_id: str) -> int:
         """The thread's last committed seq (0 when it has none)."""
@@ -207,6 +228,7 @@ class ThreadActor:
         self.children: dict[str, list[trio.CancelScope]] = {}
         self.inflight: dict[str, list[str]] = {}  # message_id -> text parts so far
         self._local_replies: set[str] = set()  # inflight message ids generated on this node
+        self._next_delta: dict[str, int] = {}  # message_id -> index of the next delta expected
         self.last_seq = 0
         self.lagging = False
         self.stopped = False
@@ -256,7 +278,12 @@ class ThreadActor:
         try:
             async with trio.open_nursery() as children:
                 try:
-                    self.last_seq = await self._log.last_seq(self.thread_id)
+                    start = await self._log.start(self.thread_id)
+                    self.last_seq = start.last_seq
+                    for reply in start.inflight:
+                        self.inflight[reply.message_id] = [reply.text] if reply.text else []
+                        if reply.next_index is not None:
+                            self._next_delta[reply.message_id] = reply.next_index
                     await self._serve(children)
                 except Exception as exc:  # a failed actor drops its subscribers (see docstring)
                     log.exception("thread.actor_failed", error=type(exc).__name__)
@@ -358,6 +385,7 @@ class ThreadActor:
                 # other nodes end with their durable event, or when their node is swept).
                 for message_id in self._local_replies:
                     self.inflight.pop(message_id, None)
+                    self._next_delta.pop(message_id, None)
                 self._local_replies.clear()
 
     async def _child(
@@ -380,7 +408,8 @@ class ThreadActor:
 
     async def _on_publish(self, event: ThreadEvent) -> None:
         if event.seq is None:
-            self._track_inflight(event)
+            if not self._track_inflight(event):
+                return  # already in the snapshot the subscribers got
             self._fan_out(encode(event))
             return
         if event.seq <= self.last_seq:
@@ -432,13 +461,25 @@ class ThreadActor:
             if frame.committed_at is not None:
                 metrics.EVENT_DELIVERY.observe(trio.current_time() - frame.committed_at)
 
-    def _track_inflight(self, event: ThreadEvent) -> None:
+    def _track_inflight(self, event: ThreadEvent) -> bool:
+        """Keep each reply's text so far; False for an ephemeral event already accounted for
+        (a reply snapshotted at start: its ``assistant.started`` and its deltas up to the
+        snapshot must not reach subscribers a second time)."""
         message_id = event.data.get("message_id")
         if event.type == "assistant.started" and isinstance(message_id, str):
+            if message_id in self.inflight:
+                return False
             self.inflight[message_id] = []
+            self._next_delta[message_id] = 0
             if event.origin is None:
                 self._local_replies.add(message_id)
         elif event.type == "assistant.delta" and isinstance(message_id, str):
+            index = event.data.get("index")
+            expected = self._next_delta.get(message_id)
+            if isinstance(index, int) and expected is not None:
+                if index < expected:
+                    return False
+                self._next_delta[message_id] = index + 1
             parts = self.inflight.get(message_id)
             if parts is not None:
                 parts.append(str(event.data.get("text", "")))
@@ -446,7 +487,9 @@ class ThreadActor:
             ended = message_id if isinstance(message_id, str) else event.data.get("id")
             if isinstance(ended, str):
                 self.inflight.pop(ended, None)
+                self._next_delta.pop(ended, None)
                 self._local_replies.discard(ended)
+        return True
 
     def _go_live(self, sub: Subscriber, replayed_upto: int) -> bool:
         state = self.subscribers.get(sub)

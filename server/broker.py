@@ -70,6 +70,8 @@ _BACKOFF_MAX_S = 5.0
 # A hello counts as a peer for this long, bridging the gap until the next heartbeat lists it.
 _HELLO_FRESH_S = 60.0
 
+_REPLY_ENDS = frozenset({"assistant.completed", "assistant.failed"})
+
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -87,6 +89,7 @@ class PgBroker:
         self._pending: dict[str, tuple[trio.Event, list[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
         self._parts: dict[tuple[str, str, int], list[str]] = {}
+        self._reply_watches: dict[str, list[trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
         self.connected = False
         self.connects = 0
@@ -176,6 +179,21 @@ class PgBroker:
             return answer[0] if answer else None
         finally:
             self._pending.pop(request_id, None)
+
+    async def wait_reply_end(self, thread_id: str) -> None:
+        """Return when a reply of ``thread_id`` ends (its ``assistant.completed`` or
+        ``assistant.failed`` commits, on any node). Callers bound the wait themselves: an end
+        committed just before the call, or during a broker outage, is not seen."""
+        event = trio.Event()
+        self._reply_watches.setdefault(thread_id, []).append(event)
+        try:
+            await event.wait()
+        finally:
+            waiting = self._reply_watches.get(thread_id)
+            if waiting is not None and event in waiting:
+                waiting.remove(event)
+                if not waiting:
+                    del self._reply_watches[thread_id]
 
     # -- the connection ----------------------------------------------------------------------
 
@@ -284,6 +302,9 @@ class PgBroker:
         _, thread_id, seq_s, epoch, type_, body = payload.split(":", 5)
         lag = max(0.0, time.time() - float(epoch))
         metrics.BROKER_LAG.observe(lag)
+        if type_ in _REPLY_ENDS and thread_id in self._reply_watches:
+            for waiter in self._reply_watches.pop(thread_id):
+                waiter.set()
         sink = self._sink
         if sink is None:
             return

@@ -231,7 +231,14 @@ def register(app: QuartTrio) -> None:
 async def realtime_plugin(services: Services) -> AsyncIterator[None]:
     """Run the actor system for as long as the server runs (a ``server.runtime`` plugin)."""
     broker = services.extras.get("broker")
-    hub = Hub.from_settings(EventLog(services.db), services.settings, broker)
+
+    async def snapshots(thread_id: str, message_id: str, owner: str | None) -> Any:
+        # Looked up per call: the assistant plugin starts after this one.
+        assistant = services.assistant
+        snapshot = getattr(assistant, "snapshot", None)
+        return await snapshot(thread_id, message_id, owner) if snapshot is not None else None
+
+    hub = Hub.from_settings(EventLog(services.db, snapshots), services.settings, broker)
     if broker is not None:
         broker.attach(hub)  # events of other nodes (and our own commits) reach the thread actors
     async with trio.open_nursery() as nursery:

@@ -22,10 +22,21 @@ Cancellation: ``cancel(thread_id)`` ends a reply as ``cancelled``; any other can
 (server shutdown, the thread actor stopping) ends it as ``interrupted``. Either way the final
 write runs shielded, with ``_FINAL_WRITE_TIMEOUT_S``, so the partial text is kept.
 
-One reply per thread at a time: a request arriving while the thread's reply is being generated
-waits in that thread's queue and starts when the current reply ends; ``cancel`` stops only the
-running reply. A request that cannot be answered is never dropped silently: beyond
-``_QUEUE_LIMIT`` queued requests (reason ``overloaded``), or while the server shuts down (reason
+One reply per thread at a time, in the whole cluster: a request arriving while the thread's reply
+is being generated waits in that thread's queue and starts when the current reply ends; one
+arriving on this node while another node generates the thread's reply waits for that reply's
+closing event (``messages_one_streaming_reply`` makes it a database invariant). ``cancel`` stops
+only the running reply, wherever it runs.
+
+Cluster: the start transaction claims the reply for this node (``messages.claimed_by`` = this
+process's incarnation); only the claiming node calls the provider. Other nodes reach it through the
+broker: ``cancel`` (answered truthfully, ``{"cancelled": bool}``) and ``snapshot`` (the text
+streamed so far and the index of the next delta, for a thread actor starting on another node).
+``sweep_stale`` runs every ``THREADLINE_NODE_TIMEOUT_S / 3`` on every node and ends as
+``interrupted`` (text saved so far kept) every reply whose node has not been seen for the timeout.
+
+A request that cannot be answered is never dropped silently: beyond ``_QUEUE_LIMIT`` queued
+requests (reason ``overloaded``), or while the server shuts down (reason
 ``unavailable``), it gets a ``failed`` assistant message and an ``assistant.failed`` event, with no
 provider call.
 """
@@ -43,6 +54,7 @@ import structlog
 import trio
 
 from server import metrics
+from server.broker import PgBroker
 from server.errors import ThreadlineError
 from server.events import ThreadEvent
 from server.llm import pricing, tokens
@@ -62,6 +74,12 @@ _QUEUE_LIMIT = 8
 _WORKER_START_GRACE_S = 10.0
 # A streaming reply older than the total timeout plus this cannot be alive in any process.
 _STALE_MARGIN_S = 60.0
+# How long a request to another node (cancel) waits for its answer.
+_REMOTE_TIMEOUT_S = 3.0
+_SNAPSHOT_TIMEOUT_S = 1.0
+# A request waiting for another node's reply in its thread looks again at least this often (the
+# closing event usually wakes it first; this covers a broker outage and the dead-node sweep).
+_BUSY_RECHECK_S = 1.0
 
 _FAILURE_TEXT = {
     "budget_exceeded": "This project has used its monthly budget.",
@@ -85,6 +103,11 @@ class _Reply:
     done: trio.Event = field(default_factory=trio.Event)
     stop: str | None = None  # "cancelled" | "interrupted", set before the scope is cancelled
     message_id: str | None = None
+    emitted: list[str] = field(default_factory=list)  # text of each delta published so far
+
+
+class _ThreadBusy(Exception):
+    """Another reply of the thread is being generated (on another node): wait for its end."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +144,13 @@ class AssistantService:
         self._spawned_at: dict[str, float] = {}  # workers asked for but not yet running
         self._closing = False
         self.save_interval_s = _SAVE_INTERVAL_S  # how often a streaming reply's text is saved
+        cluster = services.extras.get("cluster")
+        # This process's claim on the replies it generates (None: not part of a cluster).
+        self.incarnation: str | None = cluster.incarnation if cluster is not None else None
+        self._broker: PgBroker | None = services.extras.get("broker")
+        if self._broker is not None:
+            self._broker.handle("cancel", self._cancel_request)
+            self._broker.handle("snapshot", self._snapshot_request)
 
     # -- the Assistant protocol ----------------------------------------------------------------
 
@@ -157,14 +187,62 @@ class AssistantService:
         )
 
     async def cancel(self, thread_id: str) -> bool:
-        """Stop the reply being generated in ``thread_id`` (it ends ``cancelled``)."""
+        """Stop the reply being generated in ``thread_id`` (it ends ``cancelled``), on whichever
+        node generates it; True if one was running and has been told to stop."""
+        if self._cancel_local(thread_id, None):
+            return True
+        # Not generating here (or ours has not started yet): it may run on another node.
+        async with self.services.db.statements() as tx:
+            row = await store.streaming_reply(tx, thread_id)
+        if row is None or row["claimed_by"] is None or self._broker is None:
+            return False
+        owner = str(row["claimed_by"])
+        if owner == self.incarnation:
+            return False  # ours, and it ended just now
+        answer = await self._broker.request(
+            owner,
+            "cancel",
+            {"thread_id": thread_id, "message_id": str(row["id"])},
+            timeout_s=_REMOTE_TIMEOUT_S,
+        )
+        return bool(answer and answer.get("cancelled"))
+
+    def _cancel_local(self, thread_id: str, message_id: str | None) -> bool:
         reply = self._active.get(thread_id)
-        if reply is None or reply.done.is_set():
+        if reply is None or reply.done.is_set() or reply.message_id is None:
+            return False
+        if message_id is not None and reply.message_id != message_id:
             return False
         if reply.stop is None:
             reply.stop = "cancelled"
         reply.scope.cancel()
         return True
+
+    async def _cancel_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Another node's ``cancel`` for a reply generated here (through the broker)."""
+        cancelled = self._cancel_local(str(body["thread_id"]), str(body["message_id"]))
+        log.info("assistant.remote_cancel", thread_id=body["thread_id"], cancelled=cancelled)
+        return {"cancelled": cancelled}
+
+    async def _snapshot_request(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The text streamed so far of a reply generated here, for a thread actor elsewhere:
+        the deltas ``0 .. next_index - 1`` joined; ``{}`` if it is not being generated here."""
+        reply = self._active.get(str(body["thread_id"]))
+        if reply is None or reply.message_id != body.get("message_id") or reply.done.is_set():
+            return {}
+        emitted = list(reply.emitted)
+        return {"text": "".join(emitted), "next_index": len(emitted)}
+
+    async def snapshot(self, thread_id: str, message_id: str, owner: str | None) -> Any:
+        """``_snapshot_request`` on the node ``owner`` (this one included); None if no answer."""
+        if owner is None or self._broker is None:
+            return None
+        return await self._broker.request(
+            owner,
+            "snapshot",
+            {"thread_id": thread_id, "message_id": message_id},
+            timeout_s=_SNAPSHOT_TIMEOUT_S,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -189,13 +267,19 @@ class AssistantService:
     async def recover_stale(self) -> int:
         """End replies left ``streaming`` by a process that died (no shutdown hook ran).
 
-        A reply older than the total timeout plus a margin cannot be alive in any process, so
-        it is marked ``interrupted`` with ``assistant.failed`` (reason ``interrupted``) and its
-        reservation is released. Returns how many were ended.
+        A reply claimed by a node not seen for ``THREADLINE_NODE_TIMEOUT_S`` (or by an earlier
+        incarnation of any node) is dead; so is an unclaimed one older than the total timeout
+        plus a margin. Each is marked ``interrupted`` with ``assistant.failed`` (reason
+        ``interrupted``), keeping its saved text, and its reservation is released. Returns how
+        many were ended.
         """
         older_than = self.settings.llm_total_timeout_s + _STALE_MARGIN_S
         async with self.services.db.transaction() as tx:
-            rows = await store.stale_streaming(tx, older_than)
+            rows = await store.stale_streaming(
+                tx,
+                node_timeout_s=self.settings.node_timeout_s,
+                unclaimed_older_than_s=older_than,
+            )
         ended = 0
         for row in rows:
             thread_id, message_id = str(row["thread_id"]), str(row["id"])
@@ -217,13 +301,14 @@ class AssistantService:
         return ended
 
     async def sweep_stale(self) -> None:
-        """Run ``recover_stale`` now and then every ``llm_total_timeout_s`` (until cancelled)."""
+        """Run ``recover_stale`` now and then every ``THREADLINE_NODE_TIMEOUT_S / 3`` (until
+        cancelled): a dead node's replies end within the timeout plus one sweep."""
         while True:
             try:
                 await self.recover_stale()
             except Exception:  # a janitor's failure must not stop the server; next round retries
                 log.exception("assistant.recovery_failed")
-            await trio.sleep(self.settings.llm_total_timeout_s)
+            await trio.sleep(self.settings.node_heartbeat_s)
 
     def _refuse_soon(self, request: ReplyRequest, reason: str) -> None:
         """Record (in a task of our own: callers never block) that ``request`` gets no reply."""
@@ -291,7 +376,12 @@ class AssistantService:
         request = reply.request
         bound = log.bind(thread_id=request.thread_id, reply_to=request.user_message_id)
         try:
-            started = await self._start(request)
+            while True:
+                try:
+                    started = await self._start(request)
+                    break
+                except _ThreadBusy:
+                    await self._wait_for_slot(reply)
         except (LookupError, ThreadlineError) as exc:
             bound.warning("assistant.not_started", error=type(exc).__name__)
             return
@@ -309,6 +399,7 @@ class AssistantService:
         def emit(text: str) -> None:
             nonlocal index
             data = {"message_id": message_id, "index": index, "text": text}
+            reply.emitted.append(text)
             self._publish(request.thread_id, "assistant.delta", None, data)
             index += 1
 
@@ -355,6 +446,24 @@ class AssistantService:
                 assert failure is not None or internal
                 await self._finish(request, started, "failed", text, None, reason)
 
+    async def _wait_for_slot(self, reply: _Reply) -> None:
+        """Wait until the thread's reply on another node ends (or a second passes).
+
+        Cancelled meanwhile (shutdown) the request is not lost: it gets its ``unavailable``
+        refusal like any request the server could not start.
+        """
+        thread_id = reply.request.thread_id
+        try:
+            with trio.move_on_after(_BUSY_RECHECK_S):
+                if self._broker is not None:
+                    await self._broker.wait_reply_end(thread_id)
+                else:
+                    await trio.sleep_forever()
+        except trio.Cancelled:
+            if reply.stop is not None:
+                self._refuse_soon(reply.request, "unavailable")
+            raise
+
     async def _start(self, request: ReplyRequest, refuse: str | None = None) -> _Started | None:
         """The start transaction (see module docstring). None when refused (already recorded).
 
@@ -370,6 +479,8 @@ class AssistantService:
             )
             if base is None or base["asked"] is None:
                 raise LookupError("thread, project or message is gone")
+            if refused is None and base["streaming"] is not None:
+                raise _ThreadBusy  # generated elsewhere now; rolled back, nothing written
             seq = int(base["seq"])
             turns = [Turn(role, content) for role, content in base["turns"]]
             prompt = build_prompt(settings, summary=base["summary"], turns=turns)
@@ -398,6 +509,7 @@ class AssistantService:
                     model=model,
                     status="failed" if refused else "streaming",
                     reserve_usd=None if refused else estimate,
+                    claimed_by=None if refused else self.incarnation,
                 )
             )
             pending.append(("message.created", seq, message))
@@ -459,8 +571,22 @@ class AssistantService:
                 "cost_usd": float(cost),
                 "estimated": usage.estimated,
             }
+        if status in ("completed", "cancelled"):
+            type_ = "assistant.completed"
+            data: dict[str, Any] = {
+                "message_id": message_id,
+                "content": text,
+                "status": status,
+                "usage": usage_data,
+            }
+            if status == "cancelled":
+                data["cancelled"] = True
+        else:
+            type_ = "assistant.failed"
+            data = self._failed_payload(message_id, text, status, reason or "internal")
+            data["usage"] = usage_data
         async with self.services.db.transaction() as tx:
-            seq, _ = await store.finish_reply(
+            finished = await store.finish_reply(
                 tx,
                 thread_id=request.thread_id,
                 message_id=message_id,
@@ -468,7 +594,7 @@ class AssistantService:
                 content=text,
                 model=model,
             )
-            if usage is not None:
+            if usage is not None:  # spent either way: counted even if the claim was lost
                 await store.insert_usage(
                     tx,
                     message_id=message_id,
@@ -480,22 +606,15 @@ class AssistantService:
                     cost_usd=cost,
                     estimated=usage.estimated,
                 )
-            if status in ("completed", "cancelled"):
-                type_ = "assistant.completed"
-                data: dict[str, Any] = {
-                    "message_id": message_id,
-                    "content": text,
-                    "status": status,
-                    "usage": usage_data,
-                }
-                if status == "cancelled":
-                    data["cancelled"] = True
-            else:
-                type_ = "assistant.failed"
-                data = self._failed_payload(message_id, text, status, reason or "internal")
-                data["usage"] = usage_data
-            await store.append_event(tx, request.thread_id, seq, type_, data)
-        self._publish(request.thread_id, type_, seq, data)
+            if finished is not None:
+                seq = finished[0]
+                await store.append_event(tx, request.thread_id, seq, type_, data)
+        if finished is not None:
+            self._publish(request.thread_id, type_, seq, data)
+        else:
+            # Another node took this one for dead (its heartbeat stalled) and ended the reply
+            # as interrupted: that closing event stands, no second one is written.
+            log.warning("assistant.claim_lost", thread_id=request.thread_id, status=status)
         if usage is not None:
             metrics.LLM_TOKENS.labels(kind="prompt").inc(usage.prompt_tokens)
             metrics.LLM_TOKENS.labels(kind="completion").inc(usage.completion_tokens)

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from actors.summariser import Summariser
 from server.config import Settings
 from server.events import ThreadEvent
 from server.llm import tokens
@@ -22,6 +21,7 @@ from server.llm.generation import AssistantService
 from server.llm.offline import OfflineProvider
 from server.llm.openai_provider import OpenAIProvider
 from server.llm.provider import Provider
+from server.llm.summaries import build_summariser
 from server.services import Services
 
 _CLOSE_TIMEOUT_S = 2.0
@@ -47,7 +47,7 @@ async def assistant_plugin(services: Services) -> AsyncIterator[None]:
 
     try:
         async with trio.open_nursery() as nursery:
-            summariser = Summariser(services.db, llm, services.settings, publish)
+            summariser = build_summariser(services.db, llm, services.settings, publish)
             await nursery.start(summariser.run)
             assistant = AssistantService(services, llm, nursery, on_completed=summariser.poke)
             services.assistant = assistant

@@ -25,9 +25,10 @@ async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: st
 
     Columns: ``seq`` (the next event seq), ``monthly_budget_usd``, ``asked`` (the content of the
     message being answered, None if it is gone or deleted), ``summary`` and ``summary_end_seq`` (the
-    latest summary, None if there is none) and ``turns``: ``[[role, content], ...]``, newest first,
-    the messages ``recent_turns`` would return (after the summary, before ``seq``). None if the
-    thread or project is gone.
+    latest summary, None if there is none), ``turns``: ``[[role, content], ...]``, newest first,
+    the messages ``recent_turns`` would return (after the summary, before ``seq``), and
+    ``streaming``: the id of the thread's reply being generated, on any node, None if there is
+    none. None if the thread or project is gone.
     """
     return await tx.fetchrow(
         """SELECT t.last_seq + 1 AS seq, p.monthly_budget_usd,
@@ -40,7 +41,9 @@ async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: st
                             WHERE thread_id = t.id AND seq > COALESCE(s.end_seq, 0)
                               AND seq <= t.last_seq AND deleted_at IS NULL
                               AND role IN ('user', 'assistant') AND content <> ''
-                            ORDER BY seq DESC LIMIT $4) r) AS turns
+                            ORDER BY seq DESC LIMIT $4) r) AS turns,
+                  (SELECT g.id FROM messages g
+                    WHERE g.thread_id = t.id AND g.status = 'streaming') AS streaming
              FROM threads t
              JOIN projects p ON p.id = t.project_id AND p.id = $2
              LEFT JOIN LATERAL (SELECT content, end_seq FROM summaries
@@ -76,17 +79,21 @@ async def insert_reply(
     model: str,
     status: str,
     reserve_usd: Decimal | None,
+    claimed_by: str | None = None,
 ) -> str:
     """In one statement: the assistant's message at ``seq`` (empty; ``streaming`` unless refused),
     its ``message.created`` event, and, with ``reserve_usd``, the reply's budget reservation.
+
+    ``claimed_by`` (the generating node's incarnation) is the reply's claim: while it streams,
+    that node alone generates it (``messages_one_streaming_reply``: one per thread).
 
     Returns the message as JSON text (``message_to_dict``'s, the event's payload).
     """
     value = await tx.fetchval(
         """WITH m AS (
                 INSERT INTO messages (thread_id, seq, role, author_id, content, status,
-                                      reply_to, model)
-                VALUES ($1, $2, 'assistant', NULL, '', $3, $4, $5) RETURNING *),
+                                      reply_to, model, claimed_by)
+                VALUES ($1, $2, 'assistant', NULL, '', $3, $4, $5, $8) RETURNING *),
             e AS (
                 INSERT INTO thread_events (thread_id, seq, type, payload)
                 SELECT m.thread_id, m.seq, 'message.created', tl_message_json(m)::jsonb FROM m),
@@ -101,6 +108,7 @@ async def insert_reply(
         model,
         project_id,
         reserve_usd,
+        claimed_by,
     )
     return str(value)
 
@@ -136,11 +144,13 @@ async def finish_reply(
     status: str,
     content: str,
     model: str,
-) -> tuple[int, Record]:
+) -> tuple[int, Record] | None:
     """Lock the thread, set the reply's final content and status, release its reservation.
 
-    Returns the seq its closing event must take and the updated message. A message the user
-    deleted meanwhile keeps its tombstone (only its status changes).
+    Returns the seq its closing event must take and the updated message, or None if the reply
+    is no longer streaming: another node took this one for dead and ended it (its closing event
+    is written already). A message the user deleted meanwhile keeps its tombstone (only its
+    status changes). ``LookupError`` if the thread is gone.
     """
     seq = await threads.lock_next_seq(tx, thread_id)
     row = await tx.fetchrow(
@@ -149,7 +159,7 @@ async def finish_reply(
                 UPDATE messages
                    SET status = $2, model = $4,
                        content = CASE WHEN deleted_at IS NULL THEN $3 ELSE content END
-                 WHERE id = $1 RETURNING *)
+                 WHERE id = $1 AND status = 'streaming' RETURNING *)
             SELECT {messages.COLUMNS} FROM m""",
         message_id,
         status,
@@ -157,7 +167,7 @@ async def finish_reply(
         model,
     )
     if row is None:
-        raise LookupError(message_id)
+        return None
     return seq, row
 
 
@@ -295,19 +305,47 @@ async def project_budget_left(tx: Tx, thread_id: str) -> Decimal | None:
 # -- recovery ----------------------------------------------------------------------------------
 
 
-async def stale_streaming(tx: Tx, older_than_s: float, limit: int = 100) -> list[Record]:
-    """Assistant messages still ``streaming`` long after any live reply could have ended."""
+async def stale_streaming(
+    tx: Tx, *, node_timeout_s: float, unclaimed_older_than_s: float, limit: int = 100
+) -> list[Record]:
+    """Replies still ``streaming`` that no live process is generating.
+
+    A claimed reply is dead when its node's row has not been refreshed for ``node_timeout_s``
+    (or is gone: a restart is a new incarnation). An unclaimed one (written by a version before
+    claims) is dead once older than ``unclaimed_older_than_s``.
+    """
     return await tx.fetch(
-        """SELECT id, thread_id FROM messages
-            WHERE status = 'streaming' AND created_at < now() - make_interval(secs => $1)
-            ORDER BY created_at LIMIT $2""",
-        older_than_s,
+        """SELECT m.id, m.thread_id, m.claimed_by FROM messages m
+            WHERE m.status = 'streaming'
+              AND CASE WHEN m.claimed_by IS NULL
+                       THEN m.created_at < now() - make_interval(secs => $2)
+                       ELSE NOT EXISTS (
+                           SELECT 1 FROM nodes n
+                            WHERE n.incarnation = m.claimed_by
+                              AND n.last_seen_at > now() - make_interval(secs => $1))
+                  END
+            ORDER BY m.created_at LIMIT $3""",
+        node_timeout_s,
+        unclaimed_older_than_s,
         limit,
     )
 
 
+async def streaming_reply(tx: Tx, thread_id: str) -> Record | None:
+    """The thread's reply being generated (``id``, ``claimed_by``), if any, on any node."""
+    return await tx.fetchrow(
+        "SELECT id, claimed_by FROM messages WHERE thread_id = $1 AND status = 'streaming'",
+        thread_id,
+    )
+
+
 async def interrupt_stale(tx: Tx, thread_id: str, message_id: str) -> tuple[int, Record] | None:
-    """Mark one stale reply ``interrupted`` (thread locked first); None if it has ended since."""
+    """Mark one stale reply ``interrupted`` (thread locked first); None if it has ended since.
+
+    The caller re-checked nothing else: a claimed reply whose node came back to life just now is
+    ended all the same, and that node's own closing write then finds it no longer streaming
+    (``finish_reply``) and writes no second closing event.
+    """
     seq = await threads.lock_next_seq(tx, thread_id)
     row = await tx.fetchrow(
         f"""WITH m AS (UPDATE messages SET status = 'interrupted'

@@ -8,18 +8,55 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import structlog
 import trio
 
+from actors.thread import Inflight, ThreadStart
 from server.db import Database
 from server.events import ThreadEvent
+
+log = structlog.get_logger(__name__)
+
+# Asks the node generating a reply for its text so far: (thread_id, message_id, owner) ->
+# {"text", "next_index"}, {} if it is not generating it (any more), None without an answer.
+Snapshots = Callable[[str, str, str | None], Awaitable[Any]]
 
 
 class EventLog:
     """``actors.thread.EventLog`` over the database: one short read-only statement per call."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, snapshots: Snapshots | None = None) -> None:
         self._db = db
+        self._snapshots = snapshots
+
+    async def start(self, thread_id: str) -> ThreadStart:
+        """The last seq and the replies being generated (one statement; then, only if one is
+        streaming, a question to the node generating it)."""
+        rows = await self._db.fetch(
+            """SELECT t.last_seq, m.id, m.claimed_by, m.content FROM threads t
+                 LEFT JOIN messages m ON m.thread_id = t.id AND m.status = 'streaming'
+                WHERE t.id = $1""",
+            thread_id,
+        )
+        if not rows:
+            return ThreadStart(last_seq=0)
+        inflight = [await self._inflight(thread_id, row) for row in rows if row["id"] is not None]
+        return ThreadStart(last_seq=int(rows[0]["last_seq"]), inflight=inflight)
+
+    async def _inflight(self, thread_id: str, row: Any) -> Inflight:
+        message_id = str(row["id"])
+        owner = str(row["claimed_by"]) if row["claimed_by"] is not None else None
+        answer = None
+        if self._snapshots is not None:
+            answer = await self._snapshots(thread_id, message_id, owner)
+        if isinstance(answer, dict) and isinstance(answer.get("next_index"), int):
+            return Inflight(message_id, str(answer.get("text", "")), answer["next_index"])
+        # No answer in time: the text saved last (at most a couple of seconds old).
+        log.info("thread.snapshot_unavailable", thread_id=thread_id, message_id=message_id)
+        return Inflight(message_id, str(row["content"]), None)
 
     async def last_seq(self, thread_id: str) -> int:
         """The thread's last committed seq; 0 for a thread without events (or none at all)."""

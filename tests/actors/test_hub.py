@@ -12,7 +12,7 @@ import trio.testing
 
 from actors.frames import Frame
 from actors.hub import Hub
-from actors.thread import DropReason, Reply, Subscribe
+from actors.thread import DropReason, Inflight, Reply, Subscribe, ThreadStart
 from server.errors import Unavailable
 from server.events import ThreadEvent
 
@@ -25,12 +25,16 @@ class MemoryLog:
     def __init__(self) -> None:
         self.events: dict[str, list[ThreadEvent]] = {}
         self.reads = 0
+        self.inflight: dict[str, list[Inflight]] = {}  # what start() reports as streaming
 
     def append(self, thread_id: str, type_: str = "message.created") -> ThreadEvent:
         log = self.events.setdefault(thread_id, [])
         event = ThreadEvent(thread_id, type_, len(log) + 1, {"n": len(log) + 1})
         log.append(event)
         return event
+
+    async def start(self, thread_id: str) -> ThreadStart:
+        return ThreadStart(await self.last_seq(thread_id), self.inflight.get(thread_id, []))
 
     async def last_seq(self, thread_id: str) -> int:
         await trio.lowlevel.checkpoint()
@@ -375,3 +379,25 @@ async def test_ephemeral_events_go_to_the_broker_and_remote_replies_outlive_loca
         await subscribe(hub, late, after_seq=None)
         assert late.frames[-1]["data"] == {"message_id": "remote", "text": "Hi"}
         nursery.cancel_scope.cancel()
+
+
+async def test_an_actor_started_mid_reply_begins_from_the_snapshot(
+    hub: Hub, memlog: MemoryLog
+) -> None:
+    """A reply generated elsewhere: its text so far comes with the actor's start, and the deltas
+    it already holds are not sent again."""
+    memlog.inflight[T] = [Inflight("m9", "Hello wor", next_index=3)]
+    sub = Sub()
+    await subscribe(hub, sub, after_seq=None)
+    assert sub.frames[0]["data"] == {"message_id": "m9", "text": "Hello wor"}
+    remote = {"message_id": "m9"}
+    hub.deliver(ThreadEvent(T, "assistant.started", None, remote, origin="b"))  # late: ignored
+    for index, text in ((1, "lo"), (2, " wor"), (3, "ld"), (4, "!")):
+        delta = {**remote, "index": index, "text": text}
+        hub.deliver(ThreadEvent(T, "assistant.delta", None, delta, origin="b"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert [(f["type"], f["data"].get("text")) for f in sub.frames[1:]] == [
+        ("assistant.delta", "ld"),
+        ("assistant.delta", "!"),
+    ]
+    assert hub.actors[T].inflight["m9"] == ["Hello wor", "ld", "!"]

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 from server import metrics
 from server.llm.fake_server import FakeLLM
 from server.runtime import open_server
-from tests.llm.conftest import EventTap, llm_settings, request_for, seed_thread
+from tests.llm.conftest import EventTap, add_message, llm_settings, request_for, seed_thread
 
 SECRET = "sk-test-secret-do-not-log"
 
@@ -55,6 +55,7 @@ async def test_open_circuit_shows_in_readyz_and_refuses_replies(
             assert "threadline_llm_circuit_state 2.0" in exposition
 
             # While open, the next reply fails at once and nothing reaches the provider.
+            seeded.message_ids.append(await add_message(running.services.db, seeded, "again?"))
             running.services.assistant.start_reply(request_for(seeded))
             await tap.wait_for(lambda: len(tap.of(t, "assistant.failed")) == 2)
             assert tap.of(t, "assistant.failed")[1].data["reason"] == "circuit_open"

@@ -13,9 +13,10 @@ from server.events import ThreadEvent
 from server.llm.client import LLMClient
 from server.llm.fake_server import FakeLLM
 from server.llm.openai_provider import OpenAIProvider
+from server.llm.summaries import build_summariser
 from server.runtime import open_server
 from server.storage.usage import project_spend_this_month, project_usage
-from tests.llm.conftest import EventTap, llm_settings, request_for, seed_thread
+from tests.llm.conftest import EventTap, add_message, llm_settings, request_for, seed_thread
 
 LINE = "Alice asked about the migration plan for the billing database and the rollback steps."
 
@@ -33,7 +34,7 @@ async def test_two_concurrent_summarisers_produce_one_summary(
     seeded = await seed_thread(db, [f"{i}: {LINE}" for i in range(12)])
     published: list[ThreadEvent] = []
     clients = [LLMClient(OpenAIProvider(settings), settings) for _ in range(2)]
-    summarisers = [Summariser(db, c, settings, published.append) for c in clients]
+    summarisers = [build_summariser(db, c, settings, published.append) for c in clients]
     outcomes: list[str] = []
 
     async def one(s: Summariser) -> None:
@@ -76,7 +77,7 @@ async def test_summariser_cancelled_mid_call_leaves_nothing(
     settings = llm_settings(tmp_path, fake_llm, summary_threshold_tokens=100)
     seeded = await seed_thread(db, [f"{i}: {LINE}" for i in range(12)])
     client = LLMClient(OpenAIProvider(settings), settings)
-    summariser = Summariser(db, client, settings, lambda e: None)
+    summariser = build_summariser(db, client, settings, lambda e: None)
     fake_llm.configure(hang=True)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -111,6 +112,8 @@ async def test_completed_reply_wakes_the_summariser_and_the_summary_feeds_prompt
         end_seq = summarized.data["end_seq"]
         # The next reply's prompt: system prompt, the summary, then only newer turns.
         fake_llm.configure(text="ok")
+        # A new question (one user message gets one reply: messages_one_reply_per_message).
+        seeded.message_ids.append(await add_message(db, seeded, "and now?"))
         running.services.assistant.start_reply(request_for(seeded))
         await tap.wait_for(lambda: len(tap.of(t, "assistant.completed")) == 2)
     sent = fake_llm.stats.last_messages
@@ -127,7 +130,7 @@ async def test_a_summary_is_charged_to_its_project(
     settings = llm_settings(tmp_path, fake_llm, summary_threshold_tokens=100)
     seeded = await seed_thread(db, [f"{i}: {LINE}" for i in range(12)])
     client = LLMClient(OpenAIProvider(settings), settings)
-    summariser = Summariser(db, client, settings, lambda event: None)
+    summariser = build_summariser(db, client, settings, lambda event: None)
     fake_llm.configure(text="Alice plans the billing migration with rollback steps.")
     assert await summariser.summarise(seeded.thread_id) == "ok"
     await client.aclose()
@@ -151,7 +154,7 @@ async def test_no_summary_when_the_budget_cannot_cover_it(
     settings = llm_settings(tmp_path, fake_llm, summary_threshold_tokens=100)
     seeded = await seed_thread(db, [f"{i}: {LINE}" for i in range(12)], budget=Decimal("0"))
     client = LLMClient(OpenAIProvider(settings), settings)
-    summariser = Summariser(db, client, settings, lambda event: None)
+    summariser = build_summariser(db, client, settings, lambda event: None)
     requests = fake_llm.stats.requests
     assert await summariser.summarise(seeded.thread_id) == "skipped"
     await client.aclose()
