@@ -29,6 +29,7 @@ import trio
 
 from server import metrics
 from server.broker import PgBroker
+from server.cluster_limits import ClusterRateLimiter
 from server.config import Settings
 from server.db import Database
 from server.logs import set_node_id
@@ -84,6 +85,7 @@ class Cluster:
         # Called after each successful heartbeat (e.g. the rate limiter's node count).
         self.observers: list[Callable[[list[NodeInfo]], None]] = []
         self.broker: PgBroker | None = None  # set by the plugin; part of the health check
+        self.limiter: ClusterRateLimiter | None = None  # likewise
 
     @property
     def timeout_s(self) -> float:
@@ -181,6 +183,8 @@ class Cluster:
         }
         if self.broker is not None:
             result["broker"] = self.broker.health()
+        if self.limiter is not None:
+            result["rate_limits"] = self.limiter.health()
         duplicates = sorted(
             {n.node_id for n in self.nodes if [m.node_id for m in self.nodes].count(n.node_id) > 1}
         )
@@ -196,15 +200,19 @@ async def cluster_plugin(services: Services) -> AsyncIterator[None]:
     """Join the cluster for the lifetime of the server (a ``server.runtime`` plugin).
 
     Fills ``services.extras["cluster"]`` (its ``health()`` is the ``/readyz`` ``cluster``
-    check) and ``services.extras["broker"]`` (listening before the server serves); its shutdown
-    hook (the first to run) marks the node draining; leaving deletes the node's row after every
-    other plugin has stopped (replies settled).
+    check) and ``services.extras["broker"]`` (listening before the server serves), and makes
+    ``services.limiter`` the cluster's (shared buckets); its shutdown hook (the first to run) marks
+    the node draining; leaving deletes the node's row after every other plugin has stopped
+    (replies settled).
     """
     set_node_id(services.settings.node_id)
     cluster = Cluster(services.db, services.settings)
     broker = cluster.broker = PgBroker(services.db, cluster.incarnation, cluster.node_id)
     cluster.observers.append(lambda nodes: broker.set_peers({n.incarnation for n in nodes}))
+    limiter = cluster.limiter = ClusterRateLimiter.for_cluster(services.settings, services.db)
+    cluster.observers.append(lambda nodes: setattr(limiter, "nodes", max(1, len(nodes))))
     await cluster.join()
+    services.limiter = limiter
     services.extras["cluster"] = cluster
     services.extras["broker"] = broker
     services.shutdown_hooks.append(cluster.set_draining)
@@ -212,6 +220,7 @@ async def cluster_plugin(services: Services) -> AsyncIterator[None]:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.run)
             nursery.start_soon(cluster.run)
+            nursery.start_soon(limiter.run)
             try:
                 yield
             finally:

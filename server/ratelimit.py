@@ -124,6 +124,10 @@ class RateLimiter:
         """Charge the per-client-IP bucket; raises ``RateLimited``."""
         self.check(f"ip:{ip}", self.ip_limit, cost)
 
+    async def warm_user(self, user_id: str) -> None:
+        """Prepare the user's bucket before a burst (a WebSocket opening). Nothing to do for
+        local buckets; the cluster's limiter leases here (``server/cluster_limits.py``)."""
+
     def client_ip(self, peer: str | None, forwarded_for: str | None) -> str:
         """The client address behind ``peer`` (see ``client_ip``), for the per-IP bucket."""
         return client_ip(peer, forwarded_for, self.trusted_proxies)

@@ -184,6 +184,8 @@ async def ws_endpoint() -> Response | None:
         )
     except ThreadlineError as exc:
         return _refusal(exc)
+    # In a cluster: lease the user's share of the shared bucket before frames arrive.
+    await services.limiter.warm_user(principal.user_id)
     settings = services.settings
     await websocket.accept()
     found = (websocket.scope.get("extensions") or {}).get(wsext.EXTENSION_KEY)

@@ -74,6 +74,9 @@ _QUEUE_LIMIT = 8
 _WORKER_START_GRACE_S = 10.0
 # A streaming reply older than the total timeout plus this cannot be alive in any process.
 _STALE_MARGIN_S = 60.0
+# The part of THREADLINE_GRACEFUL_TIMEOUT_S that replies in flight get to finish at shutdown; the
+# rest covers closing the WebSockets (first) and the final saves of the replies stopped after it.
+_DRAIN_SHARE = 0.4
 # How long a request to another node (cancel) waits for its answer.
 _REMOTE_TIMEOUT_S = 3.0
 _SNAPSHOT_TIMEOUT_S = 1.0
@@ -104,6 +107,7 @@ class _Reply:
     stop: str | None = None  # "cancelled" | "interrupted", set before the scope is cancelled
     message_id: str | None = None
     emitted: list[str] = field(default_factory=list)  # text of each delta published so far
+    waiting: bool = False  # for the thread's reply on another node to end (not started)
 
 
 class _ThreadBusy(Exception):
@@ -144,6 +148,8 @@ class AssistantService:
         self._spawned_at: dict[str, float] = {}  # workers asked for but not yet running
         self._closing = False
         self.save_interval_s = _SAVE_INTERVAL_S  # how often a streaming reply's text is saved
+        # How long replies in flight may go on finishing at shutdown (see ``shutdown``).
+        self.reply_drain_s = self.settings.graceful_timeout_s * _DRAIN_SHARE
         cluster = services.extras.get("cluster")
         # This process's claim on the replies it generates (None: not part of a cluster).
         self.incarnation: str | None = cluster.incarnation if cluster is not None else None
@@ -250,19 +256,41 @@ class AssistantService:
         return len(self._active)
 
     async def shutdown(self) -> None:
-        """Refuse new replies; stop those in flight as ``interrupted`` and wait for their saves."""
+        """Refuse new replies; let those streaming finish for a while (the drain), then stop the
+        rest as ``interrupted`` and wait for their saves.
+
+        The drain lasts ``reply_drain_s`` (0.4 x ``THREADLINE_GRACEFUL_TIMEOUT_S``) from the
+        first call; watchers, moved to other nodes by then, keep receiving the reply through the
+        broker. A request not started yet is refused (``unavailable``) at once. Called again
+        (the plugin's exit), it interrupts at once.
+        """
+        draining = not self._closing
         self._closing = True
         for queue in self._queues.values():
             while len(queue) > 1:
                 self._refuse_soon(queue.pop(), "unavailable")
-        replies = list(self._active.values())
+        for reply in list(self._active.values()):
+            if reply.waiting:  # not started: no provider call to wait for
+                self._stop(reply)
+        if draining and self.reply_drain_s > 0:
+            streaming = [r for r in self._active.values() if not r.done.is_set()]
+            if streaming:
+                log.info("assistant.draining", replies=len(streaming), for_s=self.reply_drain_s)
+            with trio.move_on_after(self.reply_drain_s):
+                for reply in streaming:
+                    await reply.done.wait()
+        replies = [r for r in self._active.values() if not r.done.is_set()]
         for reply in replies:
-            if reply.stop is None:
-                reply.stop = "interrupted"
-            reply.scope.cancel()
+            self._stop(reply)
         with trio.move_on_after(_FINAL_WRITE_TIMEOUT_S + 1):
             for reply in replies:
                 await reply.done.wait()
+
+    @staticmethod
+    def _stop(reply: _Reply) -> None:
+        if reply.stop is None:
+            reply.stop = "interrupted"
+        reply.scope.cancel()
 
     async def recover_stale(self) -> int:
         """End replies left ``streaming`` by a process that died (no shutdown hook ran).
@@ -381,6 +409,9 @@ class AssistantService:
                     started = await self._start(request)
                     break
                 except _ThreadBusy:
+                    if self._closing:  # shutting down: it would wait past the drain
+                        self._refuse_soon(request, "unavailable")
+                        return
                     await self._wait_for_slot(reply)
         except (LookupError, ThreadlineError) as exc:
             bound.warning("assistant.not_started", error=type(exc).__name__)
@@ -453,6 +484,7 @@ class AssistantService:
         refusal like any request the server could not start.
         """
         thread_id = reply.request.thread_id
+        reply.waiting = True
         try:
             with trio.move_on_after(_BUSY_RECHECK_S):
                 if self._broker is not None:
@@ -463,6 +495,8 @@ class AssistantService:
             if reply.stop is not None:
                 self._refuse_soon(reply.request, "unavailable")
             raise
+        finally:
+            reply.waiting = False
 
     async def _start(self, request: ReplyRequest, refuse: str | None = None) -> _Started | None:
         """The start transaction (see module docstring). None when refused (already recorded).

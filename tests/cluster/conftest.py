@@ -7,11 +7,9 @@ race to create the database, the signing key and the schema, and must all come u
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +37,18 @@ USER_BURST = 40
 
 @dataclass
 class Cluster:
-    """The running nodes, the fake provider and where they keep their data."""
+    """The running nodes, the fake provider and where they keep their data.
+
+    ``nodes`` are the three long-lived ones; ``spare`` holds nodes started with them for the
+    tests that kill or stop one (``doomed``: SIGKILL; ``leaving``: SIGTERM), so no test waits
+    for a start of its own.
+    """
 
     nodes: list[Node]
     fake: FakeLLMProcess
     data_dir: Path
     log_dir: Path
+    spare: dict[str, Node] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
         values = {
@@ -59,11 +63,9 @@ class Cluster:
         values.update(extra)
         return values
 
-    def start(self, name: str, **extra: str) -> Node:
-        """Another node on the same data directory (waited for)."""
-        node = start_node(self.data_dir, name, self.fake.url, self.log_dir, **self.env(**extra))
-        wait_ready(node)
-        return node
+    def launch(self, name: str, **extra: str) -> Node:
+        """Another node on the same data directory (not waited for)."""
+        return start_node(self.data_dir, name, self.fake.url, self.log_dir, **self.env(**extra))
 
 
 @pytest.fixture(scope="package")
@@ -72,16 +74,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     log_dir = tmp_path_factory.mktemp("cluster-logs")
     with fake_llm_process(log_dir) as fake:
         running = Cluster([], fake, data_dir, log_dir)
-        started = [
-            start_node(data_dir, f"node-{i}", fake.url, log_dir, **running.env()) for i in (1, 2, 3)
-        ]
-        running.nodes = started
         try:
-            for node in started:
+            running.nodes = [running.launch(f"node-{i}") for i in (1, 2, 3)]
+            running.spare = {
+                "doomed": running.launch("node-doomed"),
+                "leaving": running.launch("node-leaving"),
+            }
+            for node in [*running.nodes, *running.spare.values()]:
                 wait_ready(node)
             yield running
         finally:
-            for node in running.nodes:
+            everyone = [*running.nodes, *running.spare.values()]
+            for node in everyone:  # all at once: each drains on its own
+                node.terminate()
+            for node in everyone:
                 with contextlib.suppress(Exception):
                     stop_node(node)
             stop_embedded_postgres(data_dir)
@@ -158,16 +164,9 @@ def durable(client: Client, thread_id: str) -> list[dict[str, Any]]:
     return [e for e in client.events if e["thread_id"] == thread_id and e["seq"] is not None]
 
 
-_refs = itertools.count(1)
-
-
 async def ws_send(client: Client, thread_id: str, content: str, *, reply: bool = False) -> Any:
     answer = await client.request(
         "send", thread_id=thread_id, content=content, client_msg_id=uuid.uuid4().hex, reply=reply
     )
     assert answer["ok"], answer
     return answer["data"]
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, indent=1)

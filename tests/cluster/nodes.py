@@ -42,6 +42,7 @@ class Node:
     proc: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    signalled: bool = False  # SIGTERM sent: a second one would kill it, not drain it
 
     @property
     def url(self) -> str:
@@ -61,6 +62,12 @@ class Node:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """SIGTERM, once: the node drains and exits."""
+        if self.alive() and not self.signalled:
+            self.signalled = True
+            self.proc.send_signal(signal.SIGTERM)
 
 
 def node_env(data_dir: Path, name: str, llm_url: str, **extra: str) -> dict[str, str]:
@@ -116,9 +123,8 @@ def wait_ready(node: Node, timeout_s: float = _START_TIMEOUT_S) -> dict[str, Any
 
 
 def stop_node(node: Node, timeout_s: float = 30.0) -> int:
-    """SIGTERM, then wait; SIGKILL if it does not stop in time. Returns the exit status."""
-    if node.alive():
-        node.proc.send_signal(signal.SIGTERM)
+    """SIGTERM (once), then wait; SIGKILL if it does not stop in time. Returns the exit status."""
+    node.terminate()
     try:
         return node.proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -164,7 +164,7 @@ async def test_a_node_killed_mid_reply_has_it_ended_interrupted_by_another(
     fake: Cluster,
 ) -> None:
     watcher_node = fake.nodes[0]
-    doomed = fake.start("node-doomed")
+    doomed = fake.spare["doomed"]
     try:
         fake.fake.control(tokens=2000, delay_per_token_ms=20)
         user = await new_user(watcher_node)
@@ -174,7 +174,7 @@ async def test_a_node_killed_mid_reply_has_it_ended_interrupted_by_another(
             await rest_send(doomed, user, thread_id, "never finished", reply=True)
 
             async def saved() -> str:
-                mine = [m for m in await _messages(watcher_node, user, thread_id)]
+                mine = await _messages(watcher_node, user, thread_id)
                 replies = [m for m in mine if m["role"] == "assistant"]
                 return str(replies[0]["content"]) if replies else ""
 
@@ -189,8 +189,8 @@ async def test_a_node_killed_mid_reply_has_it_ended_interrupted_by_another(
         assert failed["reason"] == "interrupted" and failed["status"] == "interrupted"
         # Within the node timeout plus one sweep (a third of it), with room for a loaded machine.
         assert took < NODE_TIMEOUT_S * (1 + 1 / 3) + 3.0, took
-        stored = [m for m in await _messages(watcher_node, user, thread_id)]
-        reply = [m for m in stored if m["role"] == "assistant"][0]
+        stored = await _messages(watcher_node, user, thread_id)
+        reply = next(m for m in stored if m["role"] == "assistant")
         assert reply["status"] == "interrupted" and reply["content"] == failed["content"] != ""
     finally:
         if doomed.alive():

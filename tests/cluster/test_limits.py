@@ -1,0 +1,38 @@
+"""Contract section 6: rate limits hold for the cluster as a whole (spreading requests over the
+nodes does not multiply a user's budget)."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+
+from tests.cluster.conftest import USER_BURST, USER_RATE_PER_S, Cluster, new_user
+
+
+async def test_a_user_spreading_requests_over_three_nodes_gets_one_budget(
+    cluster: Cluster,
+) -> None:
+    nodes = cluster.nodes[:3]
+    user = await new_user(nodes[0])
+    statuses: list[int] = []
+    started = trio.current_time()
+
+    async def client(index: int) -> None:
+        node = nodes[index % len(nodes)]
+        async with httpx.AsyncClient(base_url=node.url, timeout=20) as http:
+            for _ in range(10):
+                response = await http.get("/api/v1/projects", headers=user.headers)
+                statuses.append(response.status_code)
+                if response.status_code == 429:
+                    assert int(response.headers["Retry-After"]) >= 1
+
+    async with trio.open_nursery() as nursery:
+        for index in range(15):  # 150 requests, five clients per node, as fast as they go
+            nursery.start_soon(client, index)
+    elapsed = trio.current_time() - started
+    accepted = statuses.count(200)
+    assert set(statuses) <= {200, 429} and len(statuses) == 150
+    one_budget = USER_BURST + USER_RATE_PER_S * elapsed
+    # Three separate buckets would have let through at least 3 x 40 = 120.
+    assert accepted <= one_budget + USER_BURST / 3, (accepted, one_budget, elapsed)
+    assert accepted >= 0.6 * USER_BURST, (accepted, one_budget)
