@@ -87,6 +87,7 @@ bench: setup
 	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --deliveries-per-s 20000 --idle 3000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
 	$(BIN)/python loadtests/bench_stream.py --ttft
+	$(BIN)/python loadtests/bench_cluster.py --subscribers 50 --rate 20 --writers 50
 
 # Long runs that are not part of `make test`; docs/reliability.md quotes their last figures.
 soak: setup tools

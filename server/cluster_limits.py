@@ -185,6 +185,9 @@ class ClusterRateLimiter(RateLimiter):
                 share = limit.burst / max(1, self.nodes)
                 lease = _Lease(limit=limit, tokens=share, touched=now, charge=share)
                 self._leases[key] = lease
+            else:
+                self._leases.move_to_end(key)
+                lease.touched = now
             if lease.in_sync or lease.tokens >= limit.burst:
                 if lease.charge:
                     self._mark(key)  # the fair share is charged by the next sync
@@ -219,11 +222,12 @@ class ClusterRateLimiter(RateLimiter):
     async def sync(self) -> None:
         """One statement for every key that needs it (see the module docstring)."""
         now = self._clock()
-        idle = [
-            key
-            for key, lease in self._leases.items()
-            if now - lease.touched > self.idle_return_s and not lease.in_sync
-        ]
+        idle = []
+        for key, lease in self._leases.items():  # least recently used first
+            if now - lease.touched <= self.idle_return_s:
+                break
+            if not lease.in_sync:
+                idle.append(key)
         keys = (self._dirty | set(idle)) & set(self._leases)
         self._dirty.clear()
         if not keys:

@@ -105,6 +105,8 @@ for _t in ("http", "ws"):
     RATE_LIMITED.labels(transport=_t)
 for _k in ("prompt", "completion"):
     LLM_TOKENS.labels(kind=_k)
+for _o in ("ok", "skipped", "failed", "dropped"):
+    SUMMARIES.labels(outcome=_o)
 for _s in ("idle", "in_use", "max"):
     DB_POOL_CONNECTIONS.labels(state=_s)
 # Counters that alerts and panels take increase()/rate() of: a series that first appears at

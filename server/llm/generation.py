@@ -79,7 +79,10 @@ _STALE_MARGIN_S = 60.0
 _DRAIN_SHARE = 0.4
 # How long a request to another node (cancel) waits for its answer.
 _REMOTE_TIMEOUT_S = 3.0
-_SNAPSHOT_TIMEOUT_S = 1.0
+# A thread actor starting on another node waits this long for the text so far (the answer comes
+# in order with the deltas, so waiting costs latency, never text); then it falls back on the
+# text saved last.
+_SNAPSHOT_TIMEOUT_S = 3.0
 # A request waiting for another node's reply in its thread looks again at least this often (the
 # closing event usually wakes it first; this covers a broker outage and the dead-node sweep).
 _BUSY_RECHECK_S = 1.0

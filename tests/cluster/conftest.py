@@ -31,8 +31,8 @@ from tests.server.ws_support import Client
 
 NODE_TIMEOUT_S = 2.0
 # Per-user bucket for every node: the rate-limit test checks the cluster keeps to it.
-USER_RATE_PER_S = 5.0
-USER_BURST = 40
+USER_RATE_PER_S = 10.0
+USER_BURST = 60
 
 
 @dataclass

@@ -42,6 +42,10 @@ CONTRACT_METRICS = {
     "threadline_summaries_total",
     "threadline_db_pool_connections",
     "threadline_event_delivery_seconds",
+    # section 6, several nodes
+    "threadline_cluster_nodes",
+    "threadline_broker_messages_total",
+    "threadline_broker_lag_seconds",
 }
 _SUFFIXES = {
     "counter": ("_total",),
@@ -173,6 +177,8 @@ def test_the_dashboard_is_provisionable() -> None:
         "rate-limited",
         "db pool",
         "errors",
+        "cluster nodes",
+        "broker",
     ):
         assert topic in titles, topic
     datasources = yaml.safe_load((PROVISIONING / "datasources" / "threadline.yml").read_text())

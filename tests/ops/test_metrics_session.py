@@ -108,7 +108,12 @@ async def test_a_scripted_session_exports_every_contract_metric(
             disconnected = value(after, "threadline_ws_disconnects_total") > value(
                 before, "threadline_ws_disconnects_total"
             )
-            if not missing and disconnected:
+            # Counted once the reply's final write returns, which may be just after its closing
+            # event reached the client (through the broker, from the committing transaction).
+            counted = value(after, "threadline_llm_tokens_total", kind="completion") > value(
+                before, "threadline_llm_tokens_total", kind="completion"
+            )
+            if not missing and disconnected and counted:
                 break
             await trio.sleep(0.1)
 
