@@ -42,6 +42,7 @@ import trio
 
 from server.config import Settings
 from server.db import Database
+from server.errors import RateLimited
 from server.ratelimit import Clock, IPNetwork, Limit, RateLimiter, parse_networks
 from server.storage import rate_buckets as store
 
@@ -51,6 +52,8 @@ SYNC_INTERVAL_S = 0.05
 IDLE_RETURN_S = 2.0
 DEGRADED_AFTER_S = 2.0
 WARM_TIMEOUT_S = 1.0
+# How long ``acquire`` (an HTTP request) waits for the shared bucket after its lease refused it.
+ACQUIRE_WAIT_S = 0.25
 _FORGET_EVERY_S = 600.0
 
 
@@ -109,6 +112,7 @@ class ClusterRateLimiter(RateLimiter):
         self._leases: OrderedDict[str, _Lease] = OrderedDict()
         self._dirty: set[str] = set()
         self._wake = trio.Event()
+        self._synced = trio.Event()  # set (and replaced) after every sync statement
         self._failing_since: float | None = None
         self.syncs = 0
         self.failures = 0
@@ -165,6 +169,20 @@ class ClusterRateLimiter(RateLimiter):
     def _mark(self, key: str) -> None:
         self._dirty.add(key)
         self._wake.set()
+
+    async def acquire(self, key: str, limit: Limit | None = None, cost: float = 1.0) -> None:
+        """``check`` for a task that may wait: a refusal by this node's lease (a burst larger
+        than its share, on a key it has just started using) waits up to ``ACQUIRE_WAIT_S`` for
+        the next sync, which asks the shared bucket, and is decided again. ``RateLimited`` if
+        still refused."""
+        wait = self.try_acquire(key, limit, cost)
+        if wait is not None and not self.degraded and key in self._leases:
+            synced = self._synced
+            with trio.move_on_after(ACQUIRE_WAIT_S):
+                await synced.wait()
+            wait = self.try_acquire(key, limit, cost)
+        if wait is not None:
+            raise RateLimited(wait)
 
     # -- syncing (the background task) -------------------------------------------------------
 
@@ -262,24 +280,19 @@ class ClusterRateLimiter(RateLimiter):
     ) -> None:
         try:
             granted = await store.lease(self._db, requests)
-        except BaseException as exc:
-            # Not charged, not returned: put it back for the next round.
-            for request in requests:
-                lease = self._leases.get(request.key) or returning.get(request.key)
-                if lease is None:
-                    continue
-                lease.in_sync = False
-                lease.charge += request.charge
-                if request.key in returning and request.key not in self._leases:
-                    self._leases[request.key] = lease
-                self._dirty.add(request.key)
-            if isinstance(exc, Exception):
-                self.failures += 1
-                if self._failing_since is None:
-                    self._failing_since = self._clock()
-                    log.warning("ratelimit.sync_failed", error=type(exc).__name__)
-                return
+        except Exception as exc:  # noqa: BLE001 - the database is down: retried, then local
+            self._restore(requests, returning)
+            self.failures += 1
+            if self._failing_since is None:
+                self._failing_since = self._clock()
+                log.warning("ratelimit.sync_failed", error=type(exc).__name__)
+            return
+        except BaseException:
+            self._restore(requests, returning)
             raise
+        finally:
+            self._synced.set()
+            self._synced = trio.Event()
         if self._failing_since is not None:
             log.info("ratelimit.sync_recovered")
         self._failing_since = None
@@ -290,6 +303,18 @@ class ClusterRateLimiter(RateLimiter):
                 continue
             lease.in_sync = False
             lease.tokens += granted.get(request.key, 0.0)
+
+    def _restore(self, requests: list[store.LeaseRequest], returning: dict[str, _Lease]) -> None:
+        """Not charged, not returned: put it all back for the next round."""
+        for request in requests:
+            lease = self._leases.get(request.key) or returning.get(request.key)
+            if lease is None:
+                continue
+            lease.in_sync = False
+            lease.charge += request.charge
+            if request.key in returning and request.key not in self._leases:
+                self._leases[request.key] = lease
+            self._dirty.add(request.key)
 
     def health(self) -> dict[str, Any]:
         """Figures for the ``/readyz`` ``cluster`` check."""

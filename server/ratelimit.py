@@ -124,6 +124,19 @@ class RateLimiter:
         """Charge the per-client-IP bucket; raises ``RateLimited``."""
         self.check(f"ip:{ip}", self.ip_limit, cost)
 
+    async def acquire(self, key: str, limit: Limit | None = None, cost: float = 1.0) -> None:
+        """``check``, from a task that may wait: in a cluster, a refusal by this node's lease of
+        a shared bucket waits (briefly) for the bucket's answer (``server/cluster_limits.py``)."""
+        self.check(key, limit, cost)
+
+    async def acquire_user(self, user_id: str, cost: float = 1.0) -> None:
+        """``check_user`` from a task that may wait (see ``acquire``)."""
+        await self.acquire(f"user:{user_id}", self.user_limit, cost)
+
+    async def acquire_ip(self, ip: str, cost: float = 1.0) -> None:
+        """``check_ip`` from a task that may wait (see ``acquire``)."""
+        await self.acquire(f"ip:{ip}", self.ip_limit, cost)
+
     async def warm_user(self, user_id: str) -> None:
         """Prepare the user's bucket before a burst (a WebSocket opening). Nothing to do for
         local buckets; the cluster's limiter leases here (``server/cluster_limits.py``)."""

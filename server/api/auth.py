@@ -62,10 +62,12 @@ async def guard_request() -> None:
     services = current_services()
     try:
         cost = AUTH_COST if request.path in _AUTH_PATHS else 1.0
-        services.limiter.check_ip(client_ip(), cost)
+        # acquire_*: in a cluster a refusal by this node's share waits briefly for the shared
+        # bucket's answer (server/cluster_limits.py); alone, the same as check_*.
+        await services.limiter.acquire_ip(client_ip(), cost)
         user_id = _claimed_user_id(services)
         if user_id is not None:
-            services.limiter.check_user(user_id)
+            await services.limiter.acquire_user(user_id)
     except RateLimited as exc:
         metrics.RATE_LIMITED.labels(transport="http").inc()
         log.info("ratelimit.refused", transport="http", retry_after_s=round(exc.retry_after_s, 3))

@@ -117,3 +117,21 @@ async def test_an_unreachable_database_falls_back_to_local_limits() -> None:
         granted = sum(down.try_acquire(key) is None for _ in range(100))
         assert granted == LIMIT.burst
         nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_beyond_this_nodes_share_waits_for_the_shared_bucket(
+    db: Database,
+) -> None:
+    """Two live nodes: a new key's fair share here is half the burst; a request that finds it
+    spent asks the shared bucket (acquire waits for the sync) instead of being refused."""
+    from server.errors import RateLimited
+
+    node = limiter(db)  # nodes = 2
+    key = f"user:{uuid.uuid4()}"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node.run)
+        for _ in range(LIMIT.burst):  # the whole burst, although the share is half of it
+            await node.acquire(key)
+        with pytest.raises(RateLimited):
+            await node.acquire(key)
+        nursery.cancel_scope.cancel()
