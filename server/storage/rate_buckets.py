@@ -1,4 +1,4 @@
-"""SQL of the shared token buckets (``rate_buckets``, ``tl_rate_lease``; migration 0008)."""
+"""SQL of the shared token buckets (``rate_buckets``, ``tl_rate_lease``; migration 0009)."""
 
 from __future__ import annotations
 

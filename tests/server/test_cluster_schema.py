@@ -72,7 +72,7 @@ def test_events_are_notified_by_their_transaction_only_when_it_commits(scratch_d
 def test_the_claims_migration_ends_duplicate_streaming_replies(scratch_dsn: str) -> None:
     """Before claims, a crash and a restart could leave two streaming replies in a thread; the
     migration keeps the newest and ends the others, each with its closing event."""
-    migrate.upgrade(scratch_dsn, "0006")
+    migrate.upgrade(scratch_dsn, "0007")
     with psycopg.connect(scratch_dsn) as conn:
         thread = conn.execute(
             """WITH u AS (INSERT INTO users (email, password_hash)
@@ -105,4 +105,4 @@ def test_the_claims_migration_ends_duplicate_streaming_replies(scratch_dsn: str)
     assert statuses == [("old", "interrupted"), ("new", "streaming")]
     assert [(seq, type_) for seq, type_, _ in events][-1] == (3, "assistant.failed")
     assert events[-1][2]["reason"] == "interrupted" and events[-1][2]["content"] == "old"
-    migrate.downgrade(scratch_dsn, "0006")  # and back
+    migrate.downgrade(scratch_dsn, "0007")  # and back

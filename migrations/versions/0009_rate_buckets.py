@@ -11,8 +11,8 @@ See ``server/cluster_limits.py`` for the error bound.
 UNLOGGED: rate-limit state is not worth a WAL write per change; after a PostgreSQL crash the
 buckets start full again.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-02
 """
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -13,8 +13,8 @@ Invariants, in the schema:
 * at most one assistant reply per user message (``messages_one_reply_per_message``);
 * only an assistant message has a claim.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-02
 """
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
