@@ -29,7 +29,7 @@ from tests.cluster.nodes import (
 )
 from tests.server.ws_support import Client
 
-NODE_TIMEOUT_S = 2.0
+NODE_TIMEOUT_S = 4.0
 # Per-user bucket for every node: the rate-limit test checks the cluster keeps to it.
 USER_RATE_PER_S = 10.0
 USER_BURST = 60
