@@ -4,9 +4,11 @@ Several ``threadline serve`` processes ("nodes") form one cluster. Each node's h
 actors for the threads its clients watch; the broker carries between nodes what those actors
 must see of the others:
 
-* **durable events** committed anywhere (published by the committing transaction itself, so
-  none is ever committed and not published), delivered to ``BrokerSink.deliver`` with their data,
-  or to ``BrokerSink.notice`` when too big to travel (the actor reads it from the log);
+* **durable events** committed on other nodes (each node publishes its own after commit through
+  ``Broker.publish``), delivered to ``BrokerSink.deliver`` with their data, or to
+  ``BrokerSink.notice`` when too big to travel (the actor reads it from the log). One lost on the
+  way (its writer cancelled or died between commit and publish, a broker outage) is found by the
+  hub's reconciliation: every second each actor's last seq is compared with the log's;
 * **ephemeral events** (``assistant.started``, ``assistant.delta``) of replies generated on
   another node, delivered to ``BrokerSink.deliver`` with ``origin`` set; this node's own ones go
   out through ``Broker.publish``;
@@ -28,8 +30,9 @@ class Broker(Protocol):
     """What the hub needs to reach the other nodes."""
 
     def publish(self, event: ThreadEvent) -> None:
-        """Offer an ephemeral event of this node to the others. Never blocks; may drop it
-        (ephemeral events are best-effort: the durable closing event carries the text)."""
+        """Offer an event of this node (durable, after its commit, or ephemeral) to the others.
+        Never blocks; may drop it (a durable one is then found by reconciliation; ephemeral
+        events are best-effort: the durable closing event carries the text)."""
 
 
 class BrokerSink(Protocol):

@@ -7,8 +7,12 @@ API
 ``hub.publish(event)``
     Synchronous, never blocks. Hands a committed durable event (or an ephemeral one) to the
     thread's actor if one is live; with no live actor nobody is listening and the log suffices.
-    An ephemeral event is also offered to the other nodes through the broker (durable ones are
-    published to them by the transaction that commits them).
+    The event is also offered to the other nodes through the broker.
+
+Reconciliation: every ``reconcile_s`` (1 s) the hub reads the last committed seq of every thread
+with a live actor (one statement) and tells each actor that is behind to read the log: an event
+committed anywhere reaches every subscriber even when its publication was lost (the writer was
+cancelled or died between its commit and its publish, or the broker was down).
 
 ``hub.deliver(event)``, ``hub.notice(thread_id, seq)``, ``hub.resync()``, ``hub.known_seq(id)``
     The ``actors.broker.BrokerSink`` intake: events of the other nodes (and this node's own
@@ -102,9 +106,11 @@ class Hub:
         idle_timeout_s: float,
         backlog_limit: int,
         broker: Broker | None = None,
+        reconcile_s: float = 1.0,
     ) -> None:
         self._log = log_reader
         self._broker = broker
+        self._reconcile_s = reconcile_s
         self._mailbox_size = mailbox_size
         self._idle_timeout_s = idle_timeout_s
         self._backlog_limit = backlog_limit
@@ -132,11 +138,34 @@ class Hub:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._ready.set()
+                if self._reconcile_s > 0:
+                    nursery.start_soon(self._reconcile)
                 await trio.sleep_forever()
         finally:
             self._nursery = None
             self._ready = trio.Event()
             self.actors.clear()
+
+    async def _reconcile(self) -> None:
+        """Every ``reconcile_s``: live actors behind the log read what they missed."""
+        while True:
+            await trio.sleep(self._reconcile_s)
+            ids = [thread_id for thread_id, actor in self.actors.items() if not actor.stopped]
+            if not ids:
+                continue
+            try:
+                seqs = await self._log.last_seqs(ids)
+            except Exception as exc:  # noqa: BLE001 - the database is away: next round
+                log.warning("hub.reconcile_failed", error=type(exc).__name__)
+                continue
+            behind = 0
+            for thread_id, seq in seqs.items():
+                actor = self.actors.get(thread_id)
+                if actor is not None and seq > actor.last_seq:
+                    actor.notice(seq)
+                    behind += 1
+            if behind:
+                log.info("hub.reconciled", behind=behind)
 
     async def wait_ready(self) -> None:
         """Wait until ``run`` has opened its nursery."""
@@ -214,7 +243,7 @@ class Hub:
         actor = self.actors.get(event.thread_id)
         if actor is not None:
             actor.publish(event)
-        if event.seq is None and self._broker is not None:
+        if self._broker is not None:
             self._broker.publish(event)
 
     # -- the broker's intake (actors.broker.BrokerSink) ---------------------------------------

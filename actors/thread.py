@@ -91,6 +91,9 @@ class EventLog(Protocol):
     async def last_seq(self, thread_id: str) -> int:
         """The thread's last committed seq (0 when it has none)."""
 
+    async def last_seqs(self, thread_ids: list[str]) -> dict[str, int]:
+        """The last committed seq of each of these threads (those that exist)."""
+
     async def read(self, thread_id: str, after_seq: int, upto_seq: int) -> list[ThreadEvent]:
         """Events with ``after_seq < seq <= upto_seq`` in seq order."""
 

@@ -5,9 +5,9 @@ connection (``Database.listen``, never from the pool) and sends its own notifica
 the same connection. Payloads are text under PostgreSQL's 8,000-byte limit, a one-letter kind
 first so a node can skip what it does not need without parsing JSON:
 
-* ``e:<thread>:<seq>:<epoch>:<type>:<data>`` a durable event, notified by the trigger on
-  ``thread_events`` inside the committing transaction (migration 0004); ``data`` empty when it
-  did not fit, then the thread actor reads the event from the log.
+* ``e:<thread>:<seq>:<epoch>:<origin>:<type>:<data>`` a durable event, published by the node
+  that committed it, after the commit (``publish``); ``data`` empty when it did not fit, then the
+  thread actor reads the event from the log. A node ignores its own (its actors had it first).
 * ``x:<thread>:<origin>:<epoch>:<type>:<data>`` an ephemeral event of the reply generated on node
   ``origin`` (an incarnation id); a node ignores its own. A delta too long for one payload is
   split in parts (``part``/``parts`` in ``data``) sent in one statement, so they arrive together
@@ -127,11 +127,26 @@ class PgBroker:
     # -- outgoing ----------------------------------------------------------------------------
 
     def publish(self, event: ThreadEvent) -> None:
-        """``Broker.publish``: queue an ephemeral event for the other nodes; never blocks."""
+        """``Broker.publish``: queue an event of this node for the others; never blocks.
+
+        A durable event lost here (a full outbox, a broken connection) is still delivered: every
+        node's thread actors compare their last seq with the database's every second.
+        """
         if not self.peers:
             return
-        for payload in self._ephemeral_payloads(event):
-            self._queue(payload)
+        if event.seq is None:
+            for payload in self._ephemeral_payloads(event):
+                self._queue(payload)
+        else:
+            self._queue(self._durable_payload(event))
+
+    def _durable_payload(self, event: ThreadEvent) -> str:
+        committed = time.time() - max(0.0, trio.current_time() - event.committed_at)
+        head = f"e:{event.thread_id}:{event.seq}:{committed:.6f}:{self.incarnation}:{event.type}:"
+        body = json.dumps(event.data, separators=(",", ":"), ensure_ascii=False, default=str)
+        if len(head) + len(body.encode()) <= MAX_PAYLOAD_BYTES:
+            return head + body
+        return head  # too big: the receivers read it from the log
 
     def _queue(self, payload: str) -> bool:
         try:
@@ -299,12 +314,14 @@ class PgBroker:
             raise ValueError(kind)
 
     def _durable(self, payload: str) -> None:
-        _, thread_id, seq_s, epoch, type_, body = payload.split(":", 5)
+        _, thread_id, seq_s, epoch, origin, type_, body = payload.split(":", 6)
         lag = max(0.0, time.time() - float(epoch))
         metrics.BROKER_LAG.observe(lag)
         if type_ in _REPLY_ENDS and thread_id in self._reply_watches:
             for waiter in self._reply_watches.pop(thread_id):
                 waiter.set()
+        if origin == self.incarnation:
+            return  # our own: published in-process after the commit already
         sink = self._sink
         if sink is None:
             return

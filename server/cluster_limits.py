@@ -13,8 +13,9 @@ and the buckets are shared through *leases*:
   ``burst``), and returns leases idle for ``idle_return_s`` (2 s);
 * a key a node has no lease for (first sight, or returned after idling) gets a *fair share* at
   once, ``burst / live nodes``, charged to the bucket at the next sync (possibly below zero: a
-  debt the key then waits off); the WebSocket handshake instead leases its user's key before the
-  connection starts (``warm``).
+  debt the key then waits off); the WebSocket handshake leases a second share of its user's key
+  before the connection starts (``warm``), and an HTTP request refused by its node's lease waits
+  (``acquire``, at most 250 ms) for the next sync.
 
 Error bound. Every token a node grants comes from the shared bucket, except the fair shares: at
 most ``burst / N`` per node that starts using a key, charged as debt. So over any window of
@@ -187,12 +188,12 @@ class ClusterRateLimiter(RateLimiter):
     # -- syncing (the background task) -------------------------------------------------------
 
     async def warm_user(self, user_id: str) -> None:
-        """Lease the user's key now, up to ``burst`` (a WebSocket about to send a burst of
+        """Lease the user's key now, up to two fair shares (a WebSocket about to send a burst of
         frames); bounded by ``WARM_TIMEOUT_S``, after which the fair share applies as usual."""
         await self.warm([(f"user:{user_id}", self.user_limit)])
 
     async def warm(self, keys: list[tuple[str, Limit]]) -> None:
-        """Lease each key now, up to its ``burst`` (see ``warm_user``)."""
+        """Lease each key now, up to two fair shares of its ``burst`` (see ``warm_user``)."""
         if self.degraded:
             return
         now = self._clock()
@@ -206,12 +207,15 @@ class ClusterRateLimiter(RateLimiter):
             else:
                 self._leases.move_to_end(key)
                 lease.touched = now
-            if lease.in_sync or lease.tokens >= limit.burst:
+            # Up to two fair shares: room for a burst of frames, without holding the whole
+            # bucket away from the other nodes while this one uses little of it.
+            target = min(limit.burst, 2 * limit.burst / max(1, self.nodes))
+            if lease.in_sync or lease.tokens >= target:
                 if lease.charge:
                     self._mark(key)  # the fair share is charged by the next sync
                 continue
             lease.in_sync = True
-            want = limit.burst - lease.tokens
+            want = target - lease.tokens
             requests.append(
                 store.LeaseRequest(key, lease.charge, want, 0.0, limit.rate_per_s, limit.burst)
             )

@@ -63,6 +63,13 @@ class EventLog:
         value = await self._db.fetchval("SELECT last_seq FROM threads WHERE id = $1", thread_id)
         return int(value) if value is not None else 0
 
+    async def last_seqs(self, thread_ids: list[str]) -> dict[str, int]:
+        """The last committed seq of each of these threads (one statement)."""
+        rows = await self._db.fetch(
+            "SELECT id::text AS id, last_seq FROM threads WHERE id = ANY($1::uuid[])", thread_ids
+        )
+        return {row["id"]: int(row["last_seq"]) for row in rows}
+
     async def read(self, thread_id: str, after_seq: int, upto_seq: int) -> list[ThreadEvent]:
         """Events with ``after_seq < seq <= upto_seq``, in seq order."""
         rows = await self._db.fetch(

@@ -40,6 +40,10 @@ class MemoryLog:
         await trio.lowlevel.checkpoint()
         return len(self.events.get(thread_id, []))
 
+    async def last_seqs(self, thread_ids: list[str]) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        return {t: len(self.events.get(t, [])) for t in thread_ids}
+
     async def read(self, thread_id: str, after_seq: int, upto_seq: int) -> list[ThreadEvent]:
         self.reads += 1
         await trio.lowlevel.checkpoint()
@@ -347,7 +351,7 @@ async def test_resync_rereads_what_the_broker_missed(hub: Hub, memlog: MemoryLog
     assert sub.seqs() == [1, 2, 3, 4]
 
 
-async def test_ephemeral_events_go_to_the_broker_and_remote_replies_outlive_local_children(
+async def test_events_go_to_the_broker_and_remote_replies_outlive_local_children(
     memlog: MemoryLog,
 ) -> None:
     broker = FakeBroker()
@@ -360,7 +364,8 @@ async def test_ephemeral_events_go_to_the_broker_and_remote_replies_outlive_loca
         durable = memlog.append(T)
         hub.publish(durable)
         hub.publish(ThreadEvent(T, "assistant.started", None, {"message_id": "local"}))
-        assert [e.type for e in broker.published] == ["assistant.started"]  # durable: not sent
+        # Both go to the other nodes (a durable one after its commit, as the bus publishes it).
+        assert [e.type for e in broker.published] == ["message.created", "assistant.started"]
         # A reply generated on another node: its events come from the broker, tagged.
         remote = {"message_id": "remote"}
         hub.deliver(ThreadEvent(T, "assistant.started", None, remote, origin="node-b"))
@@ -401,3 +406,23 @@ async def test_an_actor_started_mid_reply_begins_from_the_snapshot(
         ("assistant.delta", "!"),
     ]
     assert hub.actors[T].inflight["m9"] == ["Hello wor", "ld", "!"]
+
+
+async def test_events_committed_but_never_published_are_delivered_by_reconciliation(
+    memlog: MemoryLog, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The writer was cancelled (or died) between its commit and its publish: nobody told the
+    actor, and nothing else will be committed in the thread. Reconciliation finds it."""
+    hub = Hub(memlog, mailbox_size=8, idle_timeout_s=60.0, backlog_limit=50, reconcile_s=1.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run)
+        await hub.wait_ready()
+        sub = Sub()
+        await subscribe(hub, sub)
+        memlog.append(T)
+        memlog.append(T)  # committed, never published
+        await trio.sleep(0.5)
+        assert sub.seqs() == []
+        await trio.sleep(1.0)  # one reconciliation later
+        assert sub.seqs() == [1, 2]
+        nursery.cancel_scope.cancel()

@@ -73,8 +73,8 @@ async def test_a_subscriber_gets_what_two_other_nodes_commit_in_order_across_a_r
 
 def _commit_while_the_listener_is_down(dsn: str, node_id: str, thread_id: str, n: int) -> int:
     """In ONE transaction: end the node's listening backend (waiting until it has exited), then
-    commit ``n`` events. Their notifications go out at commit, while that node is not listening
-    (it re-connects after a back-off), so only its re-read of the log can deliver them."""
+    commit ``n`` events straight in SQL: no node publishes them, and that node is not even
+    listening, so only its re-read of the log (on reconnect, or reconciliation) delivers them."""
     with psycopg.connect(dsn) as conn, conn.transaction():
         ended = conn.execute(
             """SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000))

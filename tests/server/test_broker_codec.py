@@ -57,17 +57,29 @@ async def test_a_long_delta_is_split_under_the_limit_and_joined_again() -> None:
 
 
 async def test_durable_payloads_deliver_notice_or_skip() -> None:
-    _, receiver, sink = _pair(known=4)
-    receiver._dispatch(f'e:{T}:5:1700000000.5:message.created:{{"id": "x"}}')
-    receiver._dispatch(f"e:{T}:6:1700000000.5:message.created:")  # too big: read the log
-    receiver._dispatch(f'e:{T}:3:1700000000.5:message.created:{{"id": "y"}}')  # delivered
+    sender, receiver, sink = _pair(known=4)
+    sender._peers_at_beat = True
+    small = ThreadEvent(T, "message.created", 5, {"id": "x"}, trio.current_time() - 0.5)
+    big = ThreadEvent(T, "message.created", 6, {"content": "y" * 9000})
+    for event in (small, big):
+        sender.publish(event)
+    payloads = _drain(sender)
+    assert all(len(p.encode()) < MAX_PAYLOAD_BYTES for p in payloads)
+    for payload in payloads:
+        receiver._dispatch(payload)
+    old = ThreadEvent(T, "message.created", 3, {"id": "y"})  # delivered already here
+    receiver._dispatch(sender._durable_payload(old))
     assert [(e.seq, e.data) for e in sink.events] == [(5, {"id": "x"})]
-    assert sink.notices == [(T, 6)]
-    assert sink.events[0].committed_at < trio.current_time()  # placed in the past
+    assert sink.notices == [(T, 6)]  # too big to travel: read from the log
+    assert sink.events[0].committed_at < trio.current_time() - 0.4  # placed in the past
     nobody = Sink(known=None)
     receiver.attach(nobody)
-    receiver._dispatch(f'e:{T}:7:1700000000.5:message.created:{{"id": "z"}}')
+    receiver._dispatch(sender._durable_payload(ThreadEvent(T, "message.created", 7, {})))
     assert nobody.events == [] and nobody.notices == []
+    own = Sink(known=0)
+    sender.attach(own)
+    sender._dispatch(payloads[0])  # its own comes back from PostgreSQL: ignored
+    assert own.events == []
 
 
 async def test_a_request_is_answered_by_the_node_it_names() -> None:
