@@ -288,7 +288,7 @@ def process(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=int, default=10)
-    parser.add_argument("--warmup-s", type=float, default=60.0)
+    parser.add_argument("--warmup-s", type=float, default=120.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("loadtests/out/soak.json"))
