@@ -7,8 +7,9 @@ body; ``GET /v1/models``), and can be told to misbehave:
 ``POST /control`` with any of ``{"fail_next": N, "status": 503, "retry_after": 1,
 "delay_per_token_ms": 5, "first_token_delay_ms": 0, "hang": true, "drop_after_tokens": K,
 "error_after_tokens": K, "malformed_after_tokens": K, "end_after_tokens": K,
-"stall_after_tokens": K, "omit_done": true, "error_body_200": true, "huge_chunk_bytes": N,
-"tokens": N, "text": "exact reply", "reset": true}``; ``GET /control/stats`` counts requests.
+"stall_after_tokens": K, "omit_done": true, "hold_after_done": true, "error_body_200": true,
+"huge_chunk_bytes": N, "tokens": N, "text": "exact reply", "reset": true}``;
+``GET /control/stats`` counts requests.
 
 Run it in-process with ``open_fake_llm()`` (port 0 picks a free port) or as a process with
 ``threadline fake-llm --port P``. The reply to a prompt is deterministic.
@@ -61,6 +62,7 @@ class FakeControls:
     end_after_tokens: int | None = None  # end the body cleanly after K tokens: no finish, no [DONE]
     stall_after_tokens: int | None = None  # after K tokens send nothing more until released
     omit_done: bool = False  # a complete stream (finish, usage) without the final ``[DONE]``
+    hold_after_done: bool = False  # after ``[DONE]`` keep the body open until released
     error_body_200: bool = False  # answer 200 with a JSON ``{"error": ...}`` body, not a stream
     huge_chunk_bytes: int | None = None  # the first text chunk is one SSE line of N bytes
     tokens: int = 12  # completion length, in tokens (words)
@@ -76,6 +78,7 @@ class FakeStats:
     completed: int = 0  # streams or bodies finished normally
     dropped: int = 0  # connections broken on purpose
     in_flight: int = 0
+    connections: int = 0  # distinct client connections (host, port) that sent a completion request
     last_messages: list[dict[str, Any]] = field(default_factory=list)
     last_max_tokens: int | None = None
 
@@ -104,12 +107,17 @@ class FakeLLM:
         # message of its prompt (load tests measure the server's added latency from it).
         self.first_token_at: dict[str, float] = {}
         self.first_token_unix: dict[str, float] = {}  # the same in Unix time, for other processes
+        # time.time() at which each stream's request reached the handler, by the same key: the
+        # fake's own latency (request in -> first token out) is the difference.
+        self.request_at_unix: dict[str, float] = {}
+        self._clients: set[tuple[str, int]] = set()  # (host, port) of each client connection
 
     def configure(self, **changes: Any) -> None:
         """Apply control changes: ``reset=True`` restores defaults, ``hang=False`` releases."""
         if changes.pop("reset", False):
             self.controls = FakeControls()
             self.stats = FakeStats()
+            self._clients.clear()
         names = {f.name for f in fields(FakeControls)}
         unknown = set(changes) - names
         if unknown:
@@ -136,7 +144,11 @@ class FakeLLM:
 
         @app.get("/control/stats")
         async def stats() -> Response:
-            body = {**asdict(self.stats), "first_token_at_unix": self.first_token_unix}
+            body = {
+                **asdict(self.stats),
+                "first_token_at_unix": self.first_token_unix,
+                "request_at_unix": self.request_at_unix,
+            }
             return Response(json.dumps(body), mimetype="application/json")
 
         @app.get("/v1/models")
@@ -156,8 +168,15 @@ class FakeLLM:
         return app
 
     async def _completions(self) -> Response:
+        arrived = time.time()
         body = await request.get_json(force=True, silent=True) or {}
         self.stats.requests += 1
+        client = request.scope.get("client")
+        if client is not None:
+            peer = (str(client[0]), int(client[1]))
+            if peer not in self._clients:
+                self._clients.add(peer)
+                self.stats.connections += 1
         self.stats.last_messages = list(body.get("messages") or [])
         self.stats.last_max_tokens = body.get("max_tokens")
         started, self.request_started = self.request_started, trio.Event()
@@ -207,6 +226,7 @@ class FakeLLM:
                 mimetype="application/json",
             )
         key = next((m.content for m in reversed(prompt) if m.role == "user"), "")
+        self._remember(self.request_at_unix, key, arrived)
         response = Response(
             self._sse(model, pieces, finish, usage, controls, key),
             mimetype="text/event-stream",
@@ -272,17 +292,21 @@ class FakeLLM:
             )
             if not controls.omit_done:
                 yield b"data: [DONE]\n\n"
+            if controls.hold_after_done:
+                await self._release.wait()
             self.stats.completed += 1
         finally:
             self.stats.in_flight -= 1
 
     def _first_token(self, key: str) -> None:
-        if len(self.first_token_at) >= _FIRST_TOKEN_KEEP:  # bounded: drop the oldest
-            oldest = next(iter(self.first_token_at))
-            self.first_token_at.pop(oldest)
-            self.first_token_unix.pop(oldest, None)
-        self.first_token_at[key] = trio.current_time()
-        self.first_token_unix[key] = time.time()
+        self._remember(self.first_token_at, key, trio.current_time())
+        self._remember(self.first_token_unix, key, time.time())
+
+    @staticmethod
+    def _remember(times: dict[str, float], key: str, value: float) -> None:
+        if len(times) >= _FIRST_TOKEN_KEEP and key not in times:  # bounded: drop the oldest
+            times.pop(next(iter(times)))
+        times[key] = value
 
 
 class _DropConnection(Exception):
