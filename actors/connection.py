@@ -87,19 +87,12 @@ class TransportClosed(Exception):
     """The peer is gone; raised by ``Transport`` methods."""
 
 
-class Transport(Protocol):
-    """One WebSocket as the connection actor needs it.
+class DirectSocket(Protocol):
+    """The socket under a WebSocket, for writing prebuilt frames to it directly.
 
-    ``direct`` transports give the actor the socket itself: ``send_now``, ``hold``,
-    ``acquire``/``release``, ``send_some`` and ``wait_writable``. The socket has one send gate,
-    shared with the WebSocket server's own writes (pongs, its close frames); whoever writes
-    part of a frame keeps the gate until the frame is complete. Others implement ``send``.
+    The socket has one send gate, shared with the WebSocket server's own writes (pongs, its
+    close frames); whoever writes part of a frame keeps the gate until the frame is complete.
     """
-
-    direct: bool
-
-    async def receive(self) -> str | bytes:
-        """The next message; raises ``TransportClosed`` when the peer has gone."""
 
     def send_now(self, data: bytes) -> int:
         """Write ``data`` now if the gate is free and the WebSocket open, without waiting.
@@ -129,8 +122,23 @@ class Transport(Protocol):
     def abort_now(self) -> None:
         """Drop the TCP stream at once (a frame was left half written)."""
 
+
+class Transport(Protocol):
+    """One WebSocket as the connection actor needs it.
+
+    ``direct`` is the socket itself (a ``DirectSocket``) when the actor may write frames to it
+    (HTTP/1.1 over plain TCP), else None and frames go through ``send``.
+    """
+
+    @property
+    def direct(self) -> DirectSocket | None:
+        """The socket, when frames may be written to it directly."""
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises ``TransportClosed`` when the peer has gone."""
+
     async def send(self, frames: Sequence[Frame]) -> None:
-        """Write whole frames, in order, through the server's own path (not ``direct``).
+        """Write whole frames, in order, through the server's own path (when not ``direct``).
         May block while the client is not reading."""
 
     async def ping(self, payload: bytes) -> None:
@@ -165,10 +173,21 @@ class Heartbeat:
     block (the connection writes the Ping frame like any other frame, or hands it to a task).
     """
 
+    __slots__ = (
+        "_on_timeout",
+        "_send_ping",
+        "_timer",
+        "_timers",
+        "_waiting",
+        "interval_s",
+        "pings",
+        "pongs",
+        "timeout_s",
+    )
+
     def __init__(self, interval_s: float, timeout_s: float) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._counter = itertools.count(1)
         self._waiting = False  # a ping is out and no pong has come since
         self._timer: Timer | None = None
         self._timers: Timers | None = None
@@ -207,7 +226,7 @@ class Heartbeat:
         self._waiting = True
         self.pings += 1
         self._timer = self._timers.call_later(self.timeout_s, self._check)
-        self._send_ping(str(next(self._counter)).encode())
+        self._send_ping(str(self.pings).encode())
 
     def _check(self) -> None:
         if self._waiting and self._timers is not None:
@@ -222,6 +241,40 @@ class Connection:
     """
 
     _ids = itertools.count(1)
+    # Slots, and queues created only when something waits in them: an idle connection is mostly
+    # this object, and a process holds tens of thousands of them.
+    __slots__ = (
+        "__weakref__",
+        "_direct",
+        "_dispatching",
+        "_holding",
+        "_inbox",
+        "_inbox_room",
+        "_nursery",
+        "_offset",
+        "_queue",
+        "_room",
+        "_send_now",
+        "_timers",
+        "_work_scopes",
+        "_writing",
+        "_written",
+        "close_code",
+        "close_reason",
+        "close_timeout_s",
+        "closed",
+        "expires_in_s",
+        "handler",
+        "heartbeat",
+        "id",
+        "inbound_size",
+        "outbound_bytes",
+        "outbound_size",
+        "queued_bytes",
+        "strikes",
+        "subscriptions",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -244,27 +297,27 @@ class Connection:
         self.expires_in_s = expires_in_s
         self.outbound_size = outbound_size
         self.outbound_bytes = outbound_bytes
-        # The outbound queue: frames not yet (wholly) written; the first may be partly written
-        # (``_offset`` bytes of it are in the kernel already). ``queued_bytes`` counts the rest.
-        self._queue: collections.deque[Frame] = collections.deque()
+        # The outbound queue (None while empty): frames not yet (wholly) written; the first may
+        # be partly written (``_offset`` bytes of it are in the kernel already).
+        # ``queued_bytes`` counts the rest.
+        self._queue: collections.deque[Frame] | None = None
         self._offset = 0
         self.queued_bytes = 0
         self._holding = False  # we hold the transport's send gate (a frame is half written)
         self._writing = False  # the writer task is running
-        self._written = trio.Event()  # set when the writer task ends (the queue is empty)
-        self._written.set()
+        self._written: trio.Event | None = None  # set when the writer task ends
         self._room: trio.Event | None = None  # a replay waiting for room in the queue
-        self._send_now = transport.send_now if transport.direct else None
+        self._direct = transport.direct
+        self._send_now = self._direct.send_now if self._direct is not None else None
         self._nursery: trio.Nursery | None = None
         # Admitted ops waiting for the dispatcher, which runs only while there are some.
         self.inbound_size = inbound_size
-        self._inbox: collections.deque[Any] = collections.deque()
+        self._inbox: collections.deque[Any] | None = None  # None while empty
         self._inbox_room: trio.Event | None = None
         self._dispatching = False
         self.subscriptions: set[str] = set()
         self.close_code: int | None = None
         self.close_reason: str | None = None
-        self._close_requested = trio.Event()
         self.closed = trio.Event()
         self.strikes = 0  # consecutive rate-limit refusals (the op layer counts them)
         # The process's timers (heartbeat, expiry); None: this connection runs its own.
@@ -292,7 +345,7 @@ class Connection:
         queue = self._queue
         if queue or self._writing:  # frames are waiting: this one waits behind them, if it fits
             if bounded and (
-                len(queue) >= self.outbound_size
+                (queue is not None and len(queue) >= self.outbound_size)
                 or self.queued_bytes + len(frame.data) > self.outbound_bytes
             ):
                 self.close(CLOSE_SLOW_CONSUMER, "slow_consumer")
@@ -305,18 +358,21 @@ class Connection:
                     written = send_now(data)
                 except TransportClosed:
                     self._peer_gone()
-                    self._close_requested.set()
                     return True
                 if written == len(data):
                     return True
                 if written >= 0:  # partly written: keep the socket until the rest is out
-                    self.transport.hold()
+                    direct = self._direct
+                    assert direct is not None
+                    direct.hold()
                     self._holding = True
                     self._offset = written
                     self.queued_bytes = len(data) - written
-                    queue.append(frame)
+                    self._queue = collections.deque((frame,))
                     self._start_writer()
                     return True
+        if queue is None:
+            queue = self._queue = collections.deque()
         queue.append(frame)
         self.queued_bytes += len(frame.data)
         self._start_writer()
@@ -345,7 +401,7 @@ class Connection:
     def send_frame(self, text: str) -> None:
         """Queue a reply frame; a full queue closes the connection 4002 (never waits)."""
         # Replies are few next to events: a fair place to sample the queue's depth.
-        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue))
+        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue or ()))
         if not self.offer(text_frame(text)):
             log.info("ws.reply_dropped")
         else:
@@ -358,7 +414,7 @@ class Connection:
             return
         self._writing = True
         self._written = trio.Event()
-        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue))
+        metrics.WS_OUTBOUND_QUEUE_DEPTH.observe(len(self._queue or ()))
         try:
             self._nursery.start_soon(self._write_direct if self._send_now else self._write_frames)
         except RuntimeError:
@@ -366,13 +422,21 @@ class Connection:
             # actor offers it a frame: nothing will be written; that must not fail the actor
             # (seen in the soak: thread actors crashed with "Nursery is closed").
             self._nursery = None
-            self._writing = False
+            self._writer_done()
+
+    def _writer_done(self) -> None:
+        self._writing = False
+        if not self._queue:
+            self._queue = None  # an idle connection keeps no queue
+        if self._written is not None:
             self._written.set()
+            self._written = None
 
     def _consume(self, written: int) -> None:
         """``written`` bytes of the queue's head frames went to the kernel."""
         self.queued_bytes -= written
         queue = self._queue
+        assert queue is not None
         offset = self._offset + written
         while queue and offset >= len(queue[0].data):
             offset -= len(queue.popleft().data)
@@ -382,7 +446,8 @@ class Connection:
             self._room = None
 
     def _discard(self) -> None:
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         self._offset = 0
         self.queued_bytes = 0
         if self._room is not None:
@@ -391,8 +456,9 @@ class Connection:
 
     async def _write_direct(self) -> None:
         """Write the queue out as the socket takes it; the socket's gate is held meanwhile."""
-        transport = self.transport
+        transport = self._direct
         queue = self._queue
+        assert queue is not None and transport is not None
         try:
             if not self._holding:
                 await transport.acquire()
@@ -415,7 +481,6 @@ class Connection:
         except TransportClosed:
             self._discard()
             self._peer_gone()
-            self._close_requested.set()
         finally:
             if self._holding:
                 self._holding = False
@@ -423,12 +488,12 @@ class Connection:
                     self._discard()
                     transport.abort_now()
                 transport.release()
-            self._writing = False
-            self._written.set()
+            self._writer_done()
 
     async def _write_frames(self) -> None:
         """Write the queue out through ``Transport.send`` (transports that are not direct)."""
         queue = self._queue
+        assert queue is not None
         try:
             while queue:
                 batch = [queue.popleft() for _ in range(min(len(queue), _BATCH_FRAMES))]
@@ -442,10 +507,8 @@ class Connection:
         except TransportClosed:
             self._discard()
             self._peer_gone()
-            self._close_requested.set()
         finally:
-            self._writing = False
-            self._written.set()
+            self._writer_done()
 
     # -- closing -----------------------------------------------------------------------------------
 
@@ -455,7 +518,7 @@ class Connection:
             return
         self.close_code = code
         self.close_reason = reason
-        self._close_requested.set()
+        self._stop_work()
 
     def server_closed(self, code: int) -> None:
         """The WebSocket server closed the socket itself (1002, 1007, 1009): end, sending nothing.
@@ -466,7 +529,7 @@ class Connection:
             self.close(code, _SERVER_CLOSES[code])
 
     def _peer_gone(self) -> None:
-        """Record why the peer went away, unless a close was already decided."""
+        """Record why the peer went away, unless a close was already decided; stop the work."""
         if self.close_code is not None:
             return
         server_code = self.transport.server_close_code()
@@ -474,11 +537,21 @@ class Connection:
             self.close_code, self.close_reason = server_code, _SERVER_CLOSES[server_code]
         else:
             self.close_code, self.close_reason = CLOSE_NORMAL, "client"
+        self._stop_work()
+
+    def _stop_work(self) -> None:
+        """Cancel the reader and the dispatcher: ``run`` goes on to the close."""
+        for scope in self._work_scopes:
+            scope.cancel()
 
     # -- the actor -----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until closed by either side. Cancelling it (peer gone) is a normal end."""
+        """Serve until closed by either side. Cancelling it (peer gone) is a normal end.
+
+        The reader runs in the caller's task (no task of its own): ``run`` returns to the close
+        when closing cancels the reader's work scope or the reader finds the peer gone.
+        """
         metrics.WS_CONNECTIONS.inc()
         structlog.contextvars.bind_contextvars(connection_id=self.id)
         expiry: Timer | None = None
@@ -491,8 +564,6 @@ class Connection:
                 if timers is None:  # no process-wide timers (tests): run our own
                     timers = Timers()
                     nursery.start_soon(timers.run)
-                # The work: the reader and the dispatcher, each in a scope that closing cancels.
-                nursery.start_soon(self._in_work_scope, self._reader)
                 self.heartbeat.start(
                     timers,
                     self._send_ping,
@@ -504,10 +575,20 @@ class Connection:
                         max(0.0, self.expires_in_s),
                         lambda: self.close(CLOSE_TOKEN_EXPIRED, "token_expired"),
                     )
-                await self._close_requested.wait()
+                # The work: the reader here, in this task, and the dispatcher in a task of its
+                # own while ops wait; each in a scope that closing cancels.
+                reader = trio.CancelScope()
+                self._work_scopes.append(reader)
+                if self.close_code is not None:
+                    reader.cancel()
+                try:
+                    with reader:
+                        await self._reader()
+                except TransportClosed:
+                    self._peer_gone()
+                self._work_scopes.remove(reader)
                 self.heartbeat.stop()
-                for scope in self._work_scopes:
-                    scope.cancel()
+                self._stop_work()
                 if self.close_reason not in ("client", *_SERVER_CLOSES.values()):
                     await self._send_close(nursery)
                 nursery.cancel_scope.cancel()
@@ -548,7 +629,6 @@ class Connection:
                 await fn()
         except TransportClosed:
             self._peer_gone()
-            self._close_requested.set()
         finally:
             self._work_scopes.remove(scope)
 
@@ -559,7 +639,8 @@ class Connection:
 
         async def _close_frame(code: int, reason: str) -> None:
             try:
-                await self._written.wait()
+                if self._written is not None:
+                    await self._written.wait()
                 await self.transport.close(code, reason)
             except TransportClosed:
                 pass
@@ -573,17 +654,24 @@ class Connection:
             await self.transport.abort()
 
     async def _reader(self) -> None:
+        receive = self.transport.receive
+        admit = self.handler.admit
         frames_in = metrics.WS_FRAMES.labels(direction="in")
         while True:
-            raw = await self.transport.receive()
+            # No local keeps the last frame or op while waiting for the next one: an idle
+            # connection would hold them for as long as it stays open.
+            item = admit(self, await receive())
             frames_in.inc()
-            item = self.handler.admit(self, raw)
             if item is None:
                 continue
-            while len(self._inbox) >= self.inbound_size:  # TCP back-pressure on the client
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = collections.deque()
+            while len(inbox) >= self.inbound_size:  # TCP back-pressure on the client
                 self._inbox_room = room = trio.Event()
                 await room.wait()
-            self._inbox.append(item)
+            inbox.append(item)
+            item = inbox = None
             if not self._dispatching and self._nursery is not None:
                 self._dispatching = True
                 self._nursery.start_soon(self._in_work_scope, self._dispatcher)
@@ -600,3 +688,5 @@ class Connection:
                 await self.handler.handle(self, item)
         finally:
             self._dispatching = False
+            if self._inbox is inbox and not inbox:
+                self._inbox = None

@@ -45,6 +45,11 @@ _HTTP_CODES = {
 }
 
 
+def request_id_from(incoming: str | None) -> str:
+    """A valid incoming ``X-Request-ID`` as it is, else a new id."""
+    return incoming if incoming and _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+
+
 def current_request_id() -> str | None:
     """The id of the request being handled, if any."""
     return g.get("request_id")  # type: ignore[no-any-return]
@@ -78,8 +83,7 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_request
     async def _start() -> None:
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        g.request_id = request_id_from(request.headers.get("X-Request-ID"))
         g.started = trio.current_time()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=g.request_id, method=request.method)
@@ -87,9 +91,8 @@ def create_app(services: Services) -> QuartTrio:
 
     @app.before_websocket
     async def _start_websocket() -> None:
-        # A WebSocket is one long request: its id and trace flow to every line it logs.
-        incoming = websocket.headers.get("X-Request-ID", "")
-        g.request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+        # WebSockets on paths other than /ws (which server/ws.py serves before Quart sees it).
+        g.request_id = request_id_from(websocket.headers.get("X-Request-ID"))
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=g.request_id)
         g.span = tracing.bind_trace(websocket.headers.get(tracing.HEADER))

@@ -23,6 +23,9 @@ started from connection open and restarted after each response. Two defects:
    take a lock, start a task, shut a socket: nothing that can block for long).
 
 ``install()`` wraps ``TCPServer._read_data`` and ``TCPServer.protocol_send`` once per process.
+With no ``read_timeout`` (our configuration) the read loop is hypercorn's without its
+``fail_after(inf)``: a cancel scope held open by every idle connection (a WebSocket lives in this
+loop for hours) for nothing; memory per connection is what bounds how many a process holds.
 A different hypercorn version refuses to install (``RuntimeError`` at import of
 ``server.runtime``) rather than misbehave silently; re-verify both and bump ``SUPPORTED``.
 """
@@ -34,8 +37,9 @@ from importlib.metadata import version
 from typing import Any
 
 import trio
-from hypercorn.events import Closed, Event, Updated
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio import tcp_server
+from hypercorn.trio.tcp_server import MAX_RECV
 
 SUPPORTED = ("0.18.",)
 
@@ -57,7 +61,19 @@ def install() -> None:
 
     @functools.wraps(original_read_data)
     async def _read_data(self: Any) -> None:
-        await original_read_data(self)
+        if self.config.read_timeout is not None:
+            await original_read_data(self)
+        else:  # hypercorn's loop, less the cancel scope of an infinite timeout
+            receive_some, handle = self.stream.receive_some, self.protocol.handle
+            while True:
+                try:
+                    data = await receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                await handle(RawData(bytes(data)))
+                if data == b"":
+                    break
+            await handle(Closed())
         # The peer is gone (or the stream is): the keep-alive timer has nothing left to guard.
         await self.idle_task.stop()
 

@@ -172,7 +172,15 @@ async def _serve_http(
         for hook in running.services.shutdown_hooks:
             await hook()
 
-    await hypercorn_serve(app, config, shutdown_trigger=_trigger, task_status=task_status)  # type: ignore[arg-type]
+    # The app's ``asgi_app`` (Quart's ``__call__`` only awaits it), so that every connection's
+    # task has one coroutine frame less to keep (``server/ws.py`` fronts it for ``/ws``).
+    await hypercorn_serve(
+        getattr(app, "asgi_app", app),  # type: ignore[arg-type]
+        config,
+        shutdown_trigger=_trigger,
+        task_status=task_status,
+        mode="asgi",
+    )
 
 
 async def serve_until_signalled(

@@ -1,12 +1,14 @@
 """``GET /ws``: the WebSocket transport, and the plugin that starts the actor system.
 
-The handshake is authenticated before the upgrade: a refusal is a plain HTTP 401/403 (503 while
-draining) with the contract's error body -- Quart sends a response returned before
-``websocket.accept()`` as an HTTP response through the ASGI ``websocket.http.response``
-extension, which hypercorn supports. Once accepted, the socket is handed to a connection actor
-(``actors/connection.py``) that runs inside this handler: the handler's task, and so the
-connection's nursery, belongs to hypercorn's per-connection task group; the actor ends when the
-client goes (Quart cancels the handler) or when the actor closes the socket.
+``/ws`` is served at the ASGI level, in front of the Quart app (``RealtimeASGI``, installed as
+``app.asgi_app``): a connection costs hypercorn's objects, its app task and our actor, and no
+Quart websocket object, request context, tasks or queues (memory per idle connection is what
+limits how many one process holds). The handshake is authenticated before the upgrade: a refusal
+is a plain HTTP 401/403 (429, 503 while draining) with the contract's error body, sent through
+the ASGI ``websocket.http.response`` extension, which hypercorn supports. Once accepted, the
+socket is handed to a connection actor (``actors/connection.py``) that runs in the ASGI app
+task, which hypercorn owns (its per-connection task group); the actor ends when the client goes
+(hypercorn's ``websocket.disconnect``) or when the actor closes the socket.
 
 ``realtime_plugin`` (in ``server.runtime.PLUGINS``) opens the actor system's nursery: a
 supervisor running the hub; it sets ``services.actors``/``services.publish``, registers this
@@ -20,24 +22,31 @@ import functools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import trio
-from quart import Response, current_app, websocket
 from quart_trio import QuartTrio
+from werkzeug.http import parse_cookie
 
-from actors.connection import CLOSE_GOING_AWAY, CLOSE_TOKEN_EXPIRED, Connection, Heartbeat
+from actors.connection import (
+    CLOSE_GOING_AWAY,
+    CLOSE_TOKEN_EXPIRED,
+    Connection,
+    Heartbeat,
+    TransportClosed,
+)
 from actors.frames import Frame
 from actors.hub import Hub
 from actors.supervisor import Supervisor
 from actors.timers import Timers
-from server import metrics, wsext
-from server.app import current_request_id
+from server import metrics, tracing, wsext
+from server.app import request_id_from
 from server.auth import authenticate_handshake
-from server.errors import RateLimited, ThreadlineError, Unavailable
+from server.errors import InternalError, RateLimited, ThreadlineError, Unavailable
+from server.principal import Principal
 from server.services import Services
 from server.storage.events import EventLog
 from server.wsops import WSOps
@@ -48,6 +57,7 @@ wsext.install()
 
 # A close frame gets this long to reach a client before its TCP stream is aborted.
 CLOSE_TIMEOUT_S = 2.0
+WS_PATH = "/ws"
 
 
 @dataclass
@@ -82,121 +92,134 @@ class Realtime:
         log.info("ws.drained", remaining=len(self.connections))
 
 
-class QuartTransport:
-    """``actors.connection.Transport`` over Quart's websocket and our hypercorn extension.
+class ASGITransport:
+    """``actors.connection.Transport`` over hypercorn's ASGI ``receive``/``send`` and our
+    hypercorn extension (``server/wsext.py``).
 
     With a direct ``WSControl`` (HTTP/1.1, plain TCP) the connection actor writes frames to the
-    socket itself; the bound methods are copied onto this object so the hot path makes no
-    extra call. Otherwise frames go through hypercorn (``send_frames``) or, with no extension at
-    all, through Quart one by one.
+    socket itself (``direct`` is the control). Otherwise frames go through hypercorn
+    (``send_frames``) or, with no extension at all, as ASGI ``websocket.send`` messages.
     """
 
-    def __init__(self, ws: Any, control: wsext.WSControl | None) -> None:
-        self._ws = ws
-        self._control = control
-        self.direct = control is not None and control.direct
-        if control is not None and control.direct:
-            self.send_now = control.send_now  # type: ignore[method-assign]
-            self.hold = control.hold  # type: ignore[method-assign]
-            self.acquire = control.acquire  # type: ignore[method-assign]
-            self.release = control.release  # type: ignore[method-assign]
-            self.can_start_frame = control.can_start_frame  # type: ignore[method-assign]
-            self.send_some = control.send_some  # type: ignore[method-assign]
-            self.wait_writable = control.wait_writable  # type: ignore[method-assign]
-            self.abort_now = control.abort_now  # type: ignore[method-assign]
+    __slots__ = ("_receive", "_send", "control", "direct")
+
+    def __init__(self, receive: Receive, send: Send, control: wsext.WSControl | None) -> None:
+        self._receive = receive
+        self._send = send
+        self.control = control
+        self.direct = control if control is not None and control.direct else None
 
     async def receive(self) -> str | bytes:
-        return await self._ws.receive()  # type: ignore[no-any-return]
-
-    def send_now(self, data: bytes) -> int:
-        return -1
-
-    def hold(self) -> None:
-        raise RuntimeError("not a direct transport")
-
-    async def acquire(self) -> None:
-        raise RuntimeError("not a direct transport")
-
-    def release(self) -> None:
-        raise RuntimeError("not a direct transport")
-
-    def can_start_frame(self) -> bool:
-        return False
-
-    def send_some(self, chunks: Sequence[bytes | memoryview]) -> int:
-        raise RuntimeError("not a direct transport")
-
-    async def wait_writable(self) -> None:
-        raise RuntimeError("not a direct transport")
-
-    def abort_now(self) -> None:
-        pass
+        while True:
+            message = await self._receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                return text if text is not None else bytes(message.get("bytes") or b"")
+            if kind == "websocket.disconnect":
+                raise TransportClosed("disconnected")
 
     async def send(self, frames: Sequence[Frame]) -> None:
-        if self._control is not None:
-            await self._control.send_frames(frames)
+        if self.control is not None:
+            await self.control.send_frames(frames)
         else:
             for frame in frames:
-                await self._ws.send(frame.text())
+                await self._send({"type": "websocket.send", "text": frame.text()})
 
     async def ping(self, payload: bytes) -> None:
-        if self._control is not None:
-            await self._control.ping(payload)
+        if self.control is not None:
+            await self.control.ping(payload)
 
     async def close(self, code: int, reason: str) -> None:
-        await self._ws.close(code, reason)
+        await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def abort(self) -> None:
-        if self._control is not None:
-            await self._control.abort()
+        if self.control is not None:
+            await self.control.abort()
 
     def server_close_code(self) -> int | None:
-        return self._control.server_close_code if self._control is not None else None
+        return self.control.server_close_code if self.control is not None else None
 
 
-def _refusal(exc: ThreadlineError) -> Response:
-    response = Response(
-        json.dumps(exc.envelope(current_request_id())),
-        status=exc.status,
-        content_type="application/json",
-    )
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class RealtimeASGI:
+    """ASGI middleware in front of the Quart app (``app.asgi_app``): serves ``GET /ws`` itself.
+
+    A WebSocket on ``/ws`` never reaches Quart: no request context, no websocket object, no
+    tasks and queues of Quart's own per connection. Everything else goes to the app.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> Awaitable[None]:
+        # A plain function returning the coroutine: one frame less on every connection's stack.
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            return serve_websocket(self.services, scope, receive, send)
+        return self.app(scope, receive, send)
+
+
+def _header_map(raw: Sequence[tuple[bytes, bytes]]) -> tuple[dict[str, str], str]:
+    """The handshake's headers (lower-case names, the first of each) and its cookies, joined."""
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        if key == "cookie":
+            cookies.append(text)
+        headers.setdefault(key, text)
+    return headers, ";".join(cookies)
+
+
+async def _refuse(
+    send: Send, exc: ThreadlineError, request_id: str, span: tracing.Span | None
+) -> None:
+    """Answer the handshake with a plain HTTP error (ASGI ``websocket.http.response``)."""
+    body = json.dumps(exc.envelope(request_id)).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+        # hypercorn closes the connection after a refused upgrade: say so.
+        (b"connection", b"close"),
+    ]
+    if span is not None:
+        headers.append((tracing.HEADER.encode(), span.traceparent().encode()))
     if isinstance(exc, RateLimited):
-        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return response
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after_s))).encode()))
+    await send({"type": "websocket.http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
-async def ws_endpoint() -> Response | None:
-    """The ``/ws`` handler: authenticate, accept, run a connection actor until it ends."""
-    services: Services = current_app.config["SERVICES"]
-    realtime: Realtime = services.extras["realtime"]
-    if services.draining.is_set():
-        return _refusal(Unavailable("The server is shutting down."))
-    peer = (websocket.scope.get("client") or ("unknown",))[0]
-    client_ip = services.limiter.client_ip(peer, websocket.headers.get("X-Forwarded-For"))
-    try:
-        try:
-            services.limiter.check_ip(client_ip)  # a handshake is an op too
-        except RateLimited:
-            metrics.RATE_LIMITED.labels(transport="ws").inc()
-            raise
-        principal = await authenticate_handshake(
-            services, websocket.headers, websocket.cookies, websocket.query_string
-        )
-    except ThreadlineError as exc:
-        return _refusal(exc)
-    # In a cluster: lease the user's share of the shared bucket before frames arrive.
-    await services.limiter.warm_user(principal.user_id)
-    settings = services.settings
-    await websocket.accept()
-    found = (websocket.scope.get("extensions") or {}).get(wsext.EXTENSION_KEY)
+async def serve_websocket(
+    services: Services, scope: dict[str, Any], receive: Receive, send: Send
+) -> None:
+    """One ``/ws`` connection: authenticate, accept, run its connection actor until it ends.
+
+    Runs in the ASGI app task hypercorn starts for the connection; the connection actor's reader
+    runs in this task too. A refusal is a plain HTTP answer before any upgrade.
+    """
+    admitted = await _handshake(services, scope, receive, send)
+    if admitted is None:
+        return
+    principal, client_ip, request_id = admitted
+    await send({"type": "websocket.accept"})
+    # The handshake's headers are read; hypercorn (the scope's other holder) no longer needs
+    # them after the 101, and an open socket would keep them for its whole life.
+    scope["headers"] = ()
+    found = (scope.get("extensions") or {}).get(wsext.EXTENSION_KEY)
     control = found if isinstance(found, wsext.WSControl) else None
+    settings = services.settings
+    realtime: Realtime = services.extras["realtime"]
     heartbeat = Heartbeat(settings.heartbeat_interval_s, settings.heartbeat_timeout_s)
-    if control is not None:
-        control.on_pong = heartbeat.pong
-    ws_object = websocket._get_current_object()  # type: ignore[attr-defined]
-    ops = WSOps(services, realtime.hub, principal, client_ip, current_request_id())
+    ops = WSOps(services, realtime.hub, principal, client_ip, request_id)
     conn = Connection(
-        QuartTransport(ws_object, control),
+        ASGITransport(receive, send, control),
         ops,
         heartbeat,
         outbound_size=settings.ws_outbound_queue,
@@ -207,12 +230,15 @@ async def ws_endpoint() -> Response | None:
         timers=realtime.timers,
     )
     if control is not None:
+        control.on_pong = heartbeat.pong
         control.on_server_close = conn.server_closed
         control.on_ping = functools.partial(ops.charge_ping, conn)
     structlog.contextvars.bind_contextvars(user_id=principal.user_id)
     realtime.connections.add(conn)
     realtime.tokens[conn] = principal.jti
     log.info("ws.opened", connection_id=conn.id)
+    # Nothing of the handshake is kept in this frame for the connection's life.
+    del admitted, principal, found, heartbeat, ops
     try:
         await conn.run()
     finally:
@@ -221,12 +247,51 @@ async def ws_endpoint() -> Response | None:
         for thread_id in conn.subscriptions:
             realtime.hub.forget(thread_id, conn)
         conn.subscriptions.clear()
-    return None
+
+
+async def _handshake(
+    services: Services, scope: dict[str, Any], receive: Receive, send: Send
+) -> tuple[Principal, str, str] | None:
+    """Authenticate the handshake: (principal, client IP, request id), or None once refused.
+
+    Binds the request id (and trace) into the log context of the task. Kept apart from the
+    connection's own coroutine so that the headers it reads are not held for the socket's life.
+    """
+    headers, cookie = _header_map(scope["headers"])
+    # A WebSocket is one long request: its id and trace flow to every line it logs.
+    request_id = request_id_from(headers.get("x-request-id"))
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    span = tracing.bind_trace(headers.get(tracing.HEADER))
+    await receive()  # websocket.connect
+    try:
+        if services.draining.is_set():
+            raise Unavailable("The server is shutting down.")
+        peer = (scope.get("client") or ("unknown",))[0]
+        client_ip = services.limiter.client_ip(peer, headers.get("x-forwarded-for"))
+        try:
+            services.limiter.check_ip(client_ip)  # a handshake is an op too
+        except RateLimited:
+            metrics.RATE_LIMITED.labels(transport="ws").inc()
+            raise
+        principal = await authenticate_handshake(
+            services, headers, parse_cookie(cookie), scope.get("query_string", b"")
+        )
+        # In a cluster: lease the user's share of the shared bucket before frames arrive.
+        await services.limiter.warm_user(principal.user_id)
+    except ThreadlineError as exc:
+        await _refuse(send, exc, request_id, span)
+        return None
+    except Exception:
+        log.exception("ws.handshake_failed")
+        await _refuse(send, InternalError("Something went wrong on our side."), request_id, span)
+        return None
+    return principal, client_ip, request_id
 
 
 def register(app: QuartTrio) -> None:
-    """Add the ``/ws`` route to the app."""
-    app.add_websocket("/ws", "ws", ws_endpoint)
+    """Serve ``/ws`` in front of the app (``RealtimeASGI``)."""
+    app.asgi_app = RealtimeASGI(app.asgi_app, app.config["SERVICES"])  # type: ignore[method-assign,assignment]
 
 
 @contextlib.asynccontextmanager

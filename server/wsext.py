@@ -8,12 +8,13 @@ to a stalled client blocks forever and cannot be cancelled.
 
 What: ``install()`` wraps four methods, once per process:
 
-* ``TCPServer.run`` sets a context variable holding the ``TCPServer``; the ASGI app task is
-  spawned from that task, so it inherits the variable, and replaces its send lock with the send gate
-  (see "Direct writes" below).
+* ``TCPServer.__init__`` (run in the connection's task, which then runs ``TCPServer.run``) sets a
+  context variable holding the ``TCPServer``; the ASGI app task is spawned from that task, so it
+  inherits the variable; and it replaces the send lock with the send gate (see "Direct writes").
 * ``WSStream._accept`` (the ASGI ``websocket.accept``, which runs in the app task) puts a
-  ``WSControl`` into ``scope["extensions"]["threadline"]`` -- the very dict the app's
-  ``websocket.scope`` refers to.
+  ``WSControl`` into ``scope["extensions"]["threadline"]``; once the 101 is sent it lets go of
+  the h11 connection that parsed the handshake (nothing after the upgrade uses it, and every
+  open WebSocket would keep one, ~2 KiB).
 * ``WSStream._handle_events`` (the reader, once per batch of received data) wraps the wsproto
   connection's ``events`` the first time, so every Pong is reported to ``WSControl.on_pong``
   (not in ``_accept``: the reader may handle the first frames while the 101 is being sent).
@@ -64,7 +65,7 @@ from typing import Any
 import trio
 from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import Data
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.trio import tcp_server
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event, Ping, Pong
@@ -236,20 +237,21 @@ def install() -> None:
             f"server/wsext.py was checked against hypercorn {SUPPORTED}, found {installed}"
         )
 
-    original_run = tcp_server.TCPServer.run
+    original_init = tcp_server.TCPServer.__init__
     original_accept = ws_stream.WSStream._accept
     original_send_event = ws_stream.WSStream._send_wsproto_event
     original_handle_events = ws_stream.WSStream._handle_events
 
-    @functools.wraps(original_run)
-    async def run(self: Any) -> None:
-        # A weak reference: copies of this task's context outlive it (e.g. in asyncio timer
-        # handles), and must not keep the whole connection alive.
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # Not a wrapper of ``run``: that would be one more coroutine frame held by every open
+        # connection. A weak reference: copies of this task's context outlive it (e.g. in
+        # asyncio timer handles), and must not keep the whole connection alive.
         _tcp_server.set(weakref.ref(self))
         # The send gate: used exactly as the lock it replaces, and also by WSControl's direct
         # writes, which may take it in one task and give it back in another.
         self.send_lock = trio.Semaphore(1)
-        await original_run(self)
 
     @functools.wraps(original_accept)
     async def _accept(self: Any, message: Any) -> None:
@@ -261,6 +263,12 @@ def install() -> None:
         # contexts would cost CPU per frame per client and ~100s of KiB of memory each.
         self.handshake.extensions = None
         await original_accept(self, message)
+        protocol = getattr(self.send, "__self__", None)  # stream_send's H11Protocol
+        connection = getattr(protocol, "connection", None)
+        if isinstance(connection, H11WSConnection):
+            # Upgraded: from now on every byte passes through as WebSocket data; only a
+            # response (never sent after the 101) would need the h11 connection.
+            connection.h11_connection = None  # type: ignore[assignment]
 
     @functools.wraps(original_handle_events)
     async def _handle_events(self: Any) -> None:
@@ -285,7 +293,7 @@ def install() -> None:
         if notify is not None and control is not None:
             control.on_server_close(notify)
 
-    tcp_server.TCPServer.run = run  # type: ignore[method-assign]
+    tcp_server.TCPServer.__init__ = __init__  # type: ignore[method-assign]
     ws_stream.WSStream._accept = _accept  # type: ignore[method-assign]
     ws_stream.WSStream._send_wsproto_event = _send_wsproto_event  # type: ignore[method-assign]
     ws_stream.WSStream._handle_events = _handle_events  # type: ignore[method-assign]

@@ -83,31 +83,7 @@ class FakeTransport:
         await self._never.wait()
         return ""
 
-    direct = False
-
-    def send_now(self, data: bytes) -> int:
-        return -1
-
-    def hold(self) -> None:
-        raise AssertionError("not direct")
-
-    async def acquire(self) -> None:
-        raise AssertionError("not direct")
-
-    def release(self) -> None:
-        raise AssertionError("not direct")
-
-    def can_start_frame(self) -> bool:
-        return True
-
-    def send_some(self, chunks: Sequence[bytes | memoryview]) -> int:
-        raise AssertionError("not direct")
-
-    async def wait_writable(self) -> None:
-        raise AssertionError("not direct")
-
-    def abort_now(self) -> None:
-        self.aborted = True
+    direct = None
 
     async def send(self, frames: Sequence[Frame]) -> None:
         self.batches.append([frame.text() for frame in frames])

@@ -4,7 +4,9 @@ heartbeats through the hypercorn extension, and no state left behind by many con
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,30 @@ async def test_rate_limit_refusals_then_4029(tmp_path: Path, pg_dsn: str, aio_lo
         assert metrics.RATE_LIMITED.labels(transport="ws")._value.get() - limited >= 10
 
 
+async def test_handshakes_are_rate_limited_per_ip_with_retry_after(
+    tmp_path: Path, pg_dsn: str, aio_loop: None
+) -> None:
+    async with server_with(
+        tmp_path, pg_dsn, ip_rate_limit_per_s=0.01, ip_rate_limit_burst=3
+    ) as server:
+        limited = metrics.RATE_LIMITED.labels(transport="ws")._value.get()
+        upgrade = {
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            answers = [await http.get("/ws", headers=upgrade) for _ in range(5)]
+        assert [a.status_code for a in answers] == [401, 401, 401, 429, 429]
+        refused = answers[-1]
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert refused.headers["Content-Type"] == "application/json"
+        assert refused.json()["error"]["request_id"] == refused.headers["X-Request-ID"]
+        assert metrics.RATE_LIMITED.labels(transport="ws")._value.get() - limited == 2
+
+
 async def test_heartbeat_pings_go_out_and_pongs_come_back(
     tmp_path: Path, pg_dsn: str, aio_loop: None
 ) -> None:
@@ -184,6 +210,7 @@ async def _thousand_cycles(server: RunningServer) -> None:
     url = ws_url(server)
     headers = [("Authorization", f"Bearer {owner.token}")]
     hub = realtime(server).hub
+    opened: list[weakref.ref[Any]] = []
 
     async def cycle(i: int) -> None:
         async with open_websocket_url(url, extra_headers=headers) as ws:
@@ -193,6 +220,7 @@ async def _thousand_cycles(server: RunningServer) -> None:
                 )
             )
             assert json.loads(await ws.get_message())["ok"]
+            opened.extend(weakref.ref(conn) for conn in realtime(server).connections)
 
     async def worker(start: int) -> None:
         for i in range(start, 1000, 20):
@@ -203,6 +231,10 @@ async def _thousand_cycles(server: RunningServer) -> None:
             nursery.start_soon(worker, w)
     await until(lambda: not realtime(server).connections)
     assert not realtime(server).tokens
+    # A closed connection is freed at once: nothing (a timer for its token's expiry, say) keeps
+    # its ~30 KiB alive after it is gone.
+    gc.collect()
+    assert len(opened) >= 1000 and not [ref for ref in opened if ref() is not None]
     await until(lambda: all(not a.subscribers for a in hub.actors.values()))
     assert hub.spawned >= 5
     # Idle actors then stop on their own (idle timeout 0.2 s here).
