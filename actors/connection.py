@@ -3,15 +3,17 @@
 It knows nothing of HTTP frameworks: the transport (``server/ws.py``) hands it a ``Transport``,
 and the op layer (``server/wsops.py``) an ``OpHandler``.
 
-Nursery: ``run`` owns the connection's nursery; inside it a *work* scope holds the reader, the
-dispatcher and the heartbeat. Closing cancels the work scope, lets the frames already queued go
-out, then sends the close frame, all within ``close_timeout_s``; past that the TCP stream is
-aborted (a client that stopped reading cannot hold the close up, nor anything else).
+Nursery: ``run`` owns the connection's nursery and runs the reader itself, in the caller's task
+(an idle connection costs no task of its own), inside a *work* scope; the dispatcher has a work
+scope too. Heartbeats and token expiry are entries in the process-wide ``Timers``. Closing
+cancels the work scopes, lets the frames already queued go out, then sends the close frame, all
+within ``close_timeout_s``; past that the TCP stream is aborted (a client that stopped reading
+cannot hold the close up, nor anything else).
 
 Writing (the hot path of fan-out). Frames arrive as ``Frame`` objects whose bytes are the
 complete WebSocket frame, built once per event by the thread actor and shared by every
 subscriber. ``offer`` writes them straight to the socket, synchronously, when nothing is queued
-and no other write holds the socket (``Transport.send_now``): no task wakes up per frame. Only
+and no other write holds the socket (``DirectSocket.send_now``): no task wakes up per frame. Only
 when the kernel does not take a whole frame does the rest wait in the outbound queue, with the
 socket held (so no other frame, ping or close can interleave), and a writer task is started
 that waits for the socket to be writable and writes everything queued with one ``sendmsg``; it
@@ -20,17 +22,19 @@ whole frames through ``Transport.send`` from the same writer task.
 
 Queues and their overflow actions:
 
-* outbound: a deque bounded twice, by ``outbound_size`` frames (default 256) and by
-  ``outbound_bytes`` (default 1 MiB), counting the bytes queued plus the bytes of a frame the
-  kernel has not yet accepted; filled without waiting by thread actors and the op replies. A
-  frame that would take it over either bound closes the connection 4002 ``slow_consumer``
-  (a frame into an empty queue is always taken, so one frame larger than the byte bound does
-  not close a client that keeps up). A stalled client thus never pins much more than
-  ``outbound_bytes`` of server memory. Replay (``put``) waits for room instead.
-* inbound: a deque of up to ``settings.ws_inbound_queue`` (default 64) admitted ops between the
-  reader and the dispatcher (a task started when ops arrive, ended when none is left, so an idle
-  connection has none). Full -> the reader waits, so TCP back-pressure slows the client
-  down; ops are still rate limited (and refused with ``rate_limited``) as they are read.
+* outbound: a deque (created when a frame has to wait, dropped when empty) bounded twice, by
+  ``outbound_size`` frames (default 256) and by ``outbound_bytes`` (default 1 MiB), counting the
+  bytes queued plus the bytes of a frame the kernel has not yet accepted; filled without
+  waiting by thread actors and the op replies. A frame that would take it over either bound
+  closes the connection 4002 ``slow_consumer`` (a frame into an empty queue is always taken, so
+  one frame larger than the byte bound does not close a client that keeps up). A stalled client
+  thus never pins much more than ``outbound_bytes`` of server memory. Replay (``put``) waits
+  for room instead.
+* inbound: a deque (likewise) of up to ``settings.ws_inbound_queue`` (default 64) admitted ops
+  between the reader and the dispatcher (a task started when ops arrive, ended when none is
+  left, so an idle connection has none). Full -> the reader waits, so TCP back-pressure slows
+  the client down; ops are still rate limited (and refused with ``rate_limited``) as they are
+  read.
 
 Metrics are counted off the per-frame path: frames out are counted by the thread actor once per
 event, the queue depth is sampled when an op reply is queued and when the writer task starts.
