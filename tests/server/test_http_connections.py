@@ -4,25 +4,14 @@ connections bounded, and a refusal never loses the next request on a keep-alive 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import trio
 
-from server.runtime import RunningServer, hypercorn_config, open_server
+from server.runtime import RunningServer, hypercorn_config
 from tests.conftest import make_settings
-
-
-@contextlib.asynccontextmanager
-async def server_with(
-    tmp_path: Path, pg_dsn: str, **overrides: Any
-) -> AsyncIterator[RunningServer]:
-    async with open_server(
-        make_settings(tmp_path, **overrides), pg_dsn, bind="127.0.0.1:0"
-    ) as running:
-        yield running
+from tests.server.ws_support import server_with, until
 
 
 def address(server: RunningServer) -> tuple[str, int]:
@@ -37,13 +26,6 @@ def server_sockets(port: int, status: str) -> int:
         for conn in psutil.Process().net_connections(kind="tcp")
         if conn.laddr and conn.laddr.port == port and conn.status == status
     )
-
-
-async def until(predicate: Any, timeout: float = 5.0) -> None:
-    """Poll ``predicate`` (a bounded loop on a condition, not a sleep for time to pass)."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
 
 
 async def read_response(stream: trio.SocketStream) -> tuple[int, dict[str, str], bytes]:

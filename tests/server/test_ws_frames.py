@@ -4,12 +4,9 @@ its frames' sizes, and the others never notice)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -20,31 +17,8 @@ from actors.connection import Connection
 from actors.thread import encode
 from server import metrics
 from server.events import ThreadEvent
-from server.runtime import RunningServer, open_server
-from server.ws import Realtime
-from tests.conftest import make_settings
-from tests.server.ws_support import connect, new_owner, new_thread
-
-
-@contextlib.asynccontextmanager
-async def server_with(
-    tmp_path: Path, pg_dsn: str, **overrides: Any
-) -> AsyncIterator[RunningServer]:
-    async with open_server(
-        make_settings(tmp_path, **overrides), pg_dsn, bind="127.0.0.1:0"
-    ) as running:
-        yield running
-
-
-def realtime(server: RunningServer) -> Realtime:
-    return server.services.extras["realtime"]  # type: ignore[no-any-return]
-
-
-async def until(predicate: Any, timeout: float = 20.0) -> None:
-    """Poll ``predicate`` (a bounded loop on a condition, not a sleep for time to pass)."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
+from server.runtime import RunningServer
+from tests.server.ws_support import connect, new_owner, new_thread, realtime, server_with, until
 
 
 class RawClient:

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import json
 import weakref
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +21,21 @@ from wsproto.extensions import PerMessageDeflate
 from server import metrics
 from server.auth import decode_access_token, issue_token
 from server.events import ThreadEvent
-from server.runtime import RunningServer, open_server
-from server.ws import Realtime
-from tests.conftest import make_settings
-from tests.server.ws_support import connect, new_owner, new_thread, post, ws_url
-
-
-@contextlib.asynccontextmanager
-async def server_with(
-    tmp_path: Path, pg_dsn: str, **overrides: Any
-) -> AsyncIterator[RunningServer]:
-    async with open_server(
-        make_settings(tmp_path, **overrides), pg_dsn, bind="127.0.0.1:0"
-    ) as running:
-        yield running
-
-
-def realtime(server: RunningServer) -> Realtime:
-    return server.services.extras["realtime"]  # type: ignore[no-any-return]
+from server.runtime import RunningServer
+from tests.server.ws_support import (
+    connect,
+    new_owner,
+    new_thread,
+    post,
+    realtime,
+    server_with,
+    until,
+    ws_url,
+)
 
 
 def disconnects(reason: str) -> float:
     return metrics.WS_DISCONNECTS.labels(reason=reason)._value.get()
-
-
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` (a bounded loop on a condition, not a sleep for time to pass)."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
 
 
 async def test_stalled_client_is_closed_4002_and_others_keep_receiving(

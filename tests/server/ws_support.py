@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -17,8 +18,32 @@ from server.auth import create_user_with_token
 from server.commands.bus import execute
 from server.commands.models import CreateProject, CreateThread, SendMessage
 from server.principal import Principal
-from server.runtime import RunningServer
+from server.runtime import RunningServer, open_server
 from server.services import Services
+from server.ws import Realtime
+from tests.conftest import make_settings
+
+
+@contextlib.asynccontextmanager
+async def server_with(
+    tmp_path: Path, pg_dsn: str, **overrides: Any
+) -> AsyncIterator[RunningServer]:
+    """A whole server on a free loopback port, with settings overridden for one test."""
+    async with open_server(
+        make_settings(tmp_path, **overrides), pg_dsn, bind="127.0.0.1:0"
+    ) as running:
+        yield running
+
+
+def realtime(server: RunningServer) -> Realtime:
+    return server.services.extras["realtime"]  # type: ignore[no-any-return]
+
+
+async def until(predicate: Any, timeout: float = 20.0) -> None:
+    """Poll ``predicate`` (a bounded loop on a condition, not a sleep for time to pass)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
 
 
 @dataclass
