@@ -16,7 +16,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ CHROMIUM_FLAGS = [
 expect.set_options(timeout=15_000)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -65,7 +65,7 @@ def _start(
     raise AssertionError(f"{args[0]} exited during start-up with {proc.wait()}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
@@ -80,6 +80,12 @@ class Stack:
 
     url: str
     llm: str
+    env: dict[str, str] = field(default_factory=dict)  # how the server was started
+
+    def start_server(self, port: int, data_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+        """Another ``threadline serve`` like this one (same database, secret and provider)."""
+        env = {**self.env, "THREADLINE_DATA_DIR": str(data_dir)}
+        return _start(["serve", "--port", str(port)], env, b"threadline: serving on")
 
     def control(self, **changes: Any) -> None:
         """Change the fake provider's behaviour (``POST /control``)."""
@@ -126,7 +132,7 @@ def stack(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
         pytest.fail("the web client is not built: `make setup` builds it into server/webdist")
     env = {k: v for k, v in os.environ.items() if not k.startswith("THREADLINE_")}
     llm_proc, llm_url = _start(["fake-llm", "--port", "0"], env, b"fake-llm: serving on")
-    port = _free_port()
+    port = free_port()
     env.update(
         THREADLINE_DATABASE_URL=pg_dsn,
         THREADLINE_DATA_DIR=str(tmp_path_factory.mktemp("web-data")),
@@ -151,14 +157,14 @@ def stack(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sta
     try:
         server_proc, url = _start(["serve", "--port", str(port)], env, b"threadline: serving on")
     except BaseException:
-        _stop(llm_proc)
+        stop(llm_proc)
         raise
-    stack = Stack(url=url, llm=llm_url.removesuffix("/v1"))
+    stack = Stack(url=url, llm=llm_url.removesuffix("/v1"), env=env)
     try:
         yield stack
     finally:
-        _stop(server_proc)
-        _stop(llm_proc)
+        stop(server_proc)
+        stop(llm_proc)
 
 
 @pytest.fixture(scope="session")
