@@ -13,17 +13,22 @@ process; Threadline on an embedded PostgreSQL in a temporary directory unless
    and its CPU per delivered frame, gross and net of the publish cost measured in step 1;
 3. ``--stalled``: the same again with that many extra subscribers that never read (a 4 KiB
    receive buffer), and ``--pad`` characters per event;
-4. ``--idle``: that many subscribed idle connections: the server's RSS per connection.
+4. ``--idle N [N ...]``: that many subscribed idle connections, opened in cumulative steps
+   (``--idle 1000 10000``: 1,000, then 9,000 more) and held: per step, the server's RSS growth
+   per connection, how long opening the step took and the server CPU per connection opened.
+   Runs first, on the freshly started server (memory freed later is not given back to the OS).
+   With ``--subscribers`` left empty, only this is measured.
 
 The ratios Threadline / naive are printed last. Both servers see the same client processes,
 the same events and the same machine, one after the other in one run.
 
-    .venv/bin/python loadtests/bench_fanout.py --subscribers 100 1000 --procs 3 --idle 10000
+    .venv/bin/python loadtests/bench_fanout.py --subscribers 100 1000 --procs 3 --idle 1000 10000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import subprocess
@@ -138,7 +143,7 @@ def publish_cost(target: Target, args: argparse.Namespace) -> float:
     publish(target, 20, 1e9, args.pad)
     cpu0 = harness.cpu_seconds(target.pid)
     publish(target, args.publish_events, args.publish_rate, args.pad)
-    return (harness.cpu_seconds(target.pid) - cpu0) / args.publish_events
+    return float((harness.cpu_seconds(target.pid) - cpu0) / args.publish_events)
 
 
 def shares(target: Target, n: int, stalled: int, procs: int, expect: int) -> list[Share]:
@@ -214,7 +219,9 @@ def fanout(
     }
 
 
-def profile(target: Target, n: int, args: argparse.Namespace) -> subprocess.Popen[bytes] | None:
+def profile(
+    target: Target, n: int | str, args: argparse.Namespace
+) -> subprocess.Popen[bytes] | None:
     """``--profile DIR``: py-spy the server through this phase into DIR (collapsed stacks)."""
     if not args.profile:
         return None
@@ -230,30 +237,56 @@ def profile(target: Target, n: int, args: argparse.Namespace) -> subprocess.Pope
     )
 
 
-def idle_memory(target: Target, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def idle_memory(
+    target: Target, counts: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Open idle subscribed connections in steps up to each of ``counts`` (cumulative, all held
+    until the last step is measured): per step, the RSS growth per connection since before the
+    first one, how long opening that step's connections took and the server CPU they cost."""
+    rows: list[dict[str, Any]] = []
     before = harness.rss_bytes(target.pid)
-    with harness.ClientProcesses(
-        subscribers, shares(target, n, 0, args.procs, expect=0)
-    ) as clients:
-        clients.wait_ready(timeout_s=120 + n * 0.02)
-        time.sleep(2.0)  # let the server settle before sampling its memory
-        after = harness.rss_bytes(target.pid)
-        clients.stop()
-        clients.results()
-    return {
-        "server": target.name,
-        "idle_connections": n,
-        "rss_before_mb": round(before / 2**20, 1),
-        "rss_after_mb": round(after / 2**20, 1),
-        "rss_kib_per_connection": round((after - before) / n / 1024, 1),
-    }
+    with contextlib.ExitStack() as held:
+        opened = 0
+        for n in sorted(counts):
+            batch = n - opened
+            if batch <= 0:
+                continue
+            profiler = profile(target, f"idle-{n}", args)
+            cpu0, wall0 = harness.cpu_seconds(target.pid), time.monotonic()
+            clients = held.enter_context(
+                harness.ClientProcesses(subscribers, shares(target, batch, 0, args.procs, 0))
+            )
+            clients.wait_ready(timeout_s=120 + batch * 0.05)
+            opened_s, cpu = time.monotonic() - wall0, harness.cpu_seconds(target.pid) - cpu0
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(timeout=60)
+            opened = n
+            time.sleep(2.0)  # let the server settle before sampling its memory
+            after = harness.rss_bytes(target.pid)
+            rows.append(
+                {
+                    "server": target.name,
+                    "idle_connections": n,
+                    "rss_before_mb": round(before / 2**20, 1),
+                    "rss_after_mb": round(after / 2**20, 1),
+                    "rss_kib_per_connection": round((after - before) / n / 1024, 1),
+                    "opened": batch,
+                    "open_s": round(opened_s, 1),
+                    "opened_per_s": round(batch / opened_s),
+                    "open_cpu_ms_per_connection": round(cpu / batch * 1000, 2),
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def run_target(target: Target, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if args.idle:  # first, on a fresh process: memory freed later is not given back to the OS
-        rows.append(idle_memory(target, args.idle, args))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        rows += idle_memory(target, args.idle, args)
+    if not args.subscribers and not args.stalled:
+        return rows
     per_publish = publish_cost(target, args)
     for n in args.subscribers:
         rows.append(fanout(target, n, args, per_publish))
@@ -325,12 +358,26 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"(net of publish {ratio['net_cpu_us_per_delivery']:.2f}x), "
                 f"deliveries/s {ratio['deliveries_per_s']:.2f}x, p99 {ratio['p99_ms']:.2f}x"
             )
-    mem = {r["server"]: r for r in rows if "rss_kib_per_connection" in r}
-    for r in mem.values():
+    mem = [r for r in rows if "rss_kib_per_connection" in r]
+    naive_mem = {r["idle_connections"]: r for r in mem if r["server"] == "naive"}
+    for r in mem:
         lines.append(
             f"{r['server']}: {r['idle_connections']} idle subscribed connections, "
-            f"{r['rss_kib_per_connection']} KiB RSS each"
+            f"{r['rss_kib_per_connection']} KiB RSS each; the last {r['opened']} opened in "
+            f"{r['open_s']} s ({r['opened_per_s']}/s), {r['open_cpu_ms_per_connection']} ms of "
+            "server CPU each"
         )
+        base = naive_mem.get(r["idle_connections"])
+        if r["server"] == "threadline" and base is not None:
+            ratio = {
+                k: r[k] / max(base[k], 1e-9)
+                for k in ("rss_kib_per_connection", "open_s", "open_cpu_ms_per_connection")
+            }
+            lines.append(
+                f"N={r['idle_connections']} idle: threadline/naive RSS per connection "
+                f"{ratio['rss_kib_per_connection']:.2f}x, time to open {ratio['open_s']:.2f}x, "
+                f"server CPU per connection opened {ratio['open_cpu_ms_per_connection']:.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -344,7 +391,13 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=3, help="client processes")
     parser.add_argument("--pad", type=int, default=0, help="pad each message to this many chars")
     parser.add_argument("--stalled", type=int, default=0, help="extra never-reading subscribers")
-    parser.add_argument("--idle", type=int, default=0, help="idle connections for the RSS figure")
+    parser.add_argument(
+        "--idle",
+        type=int,
+        nargs="*",
+        default=[],
+        help="idle connections for the RSS figure (several: opened in cumulative steps)",
+    )
     parser.add_argument("--publish-events", type=int, default=100)
     parser.add_argument("--publish-rate", type=float, default=50.0)
     parser.add_argument("--profile", help="py-spy each fan-out phase into this directory")

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from loadtests import harness
-from loadtests.bench_fanout import Target, fanout
+from loadtests.bench_fanout import Target, fanout, idle_memory
 from loadtests.ws_clients import frames, masked
 
 NAIVE = Path(__file__).resolve().parents[2] / "loadtests" / "naive_broadcast.py"
@@ -40,3 +40,16 @@ def test_fanout_against_the_naive_baseline() -> None:
     assert row["gaps"] == 0 and row["closes"] == {}
     assert row["p99_ms"] >= row["p50_ms"] > 0
     assert row["cpu_us_per_delivery"] > 0
+
+
+def test_idle_memory_opens_cumulative_steps_against_the_naive_baseline() -> None:
+    args = argparse.Namespace(procs=2, profile=None)
+    argv = [str(NAIVE), "--port", str(harness.free_port())]
+    with harness.server_process(argv, harness.bench_env(), "naive-broadcast:") as (pid, base):
+        rows = idle_memory(Target("naive", pid, base, "t", "thread"), [30, 10], args)
+    # Steps in increasing order, each opening only what the previous one had not.
+    assert [(r["idle_connections"], r["opened"]) for r in rows] == [(10, 10), (30, 20)]
+    for row in rows:
+        assert row["rss_after_mb"] >= row["rss_before_mb"] > 0
+        assert row["open_s"] >= 0 and row["opened_per_s"] > 0
+        assert row["open_cpu_ms_per_connection"] >= 0  # psutil counts CPU in 10 ms ticks
