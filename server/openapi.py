@@ -333,10 +333,17 @@ _OPERATION_IDS = {
 
 
 # OpenAPI links: how a response leads to the next operations (clients and stateful fuzzers use
-# them): operationId -> status -> {link name: (target operationId, parameters)}.
+# them): operationId -> status -> {link name: (target operationId, parameters[, request body])}.
 _BY_ID = "$response.body#/id"
 _VERSION = '"{$response.body#/version}"'  # an If-Match value: the version as an entity tag
-_LINKS: dict[str, dict[str, dict[str, tuple[str, dict[str, str]]]]] = {
+# Edits and deletes carry the version twice: in If-Match and as the body's expected_version.
+# Either one is enough (the header wins); a client (or fuzzer) that drops the optional header
+# still sends the version it read, instead of none (422) or a guessed one (409).
+_AT_VERSION = {"expected_version": "$response.body#/version"}
+_EDIT = ("editMessage", {"message_id": _BY_ID, "header.If-Match": _VERSION}, _AT_VERSION)
+_DELETE = ("deleteMessage", {"message_id": _BY_ID, "header.If-Match": _VERSION}, _AT_VERSION)
+_Link = tuple[str, dict[str, str]] | tuple[str, dict[str, str], dict[str, str]]
+_LINKS: dict[str, dict[str, dict[str, _Link]]] = {
     "createProject": {
         "201": {
             "GetProject": ("getProject", {"project_id": _BY_ID}),
@@ -359,11 +366,8 @@ _LINKS: dict[str, dict[str, dict[str, tuple[str, dict[str, str]]]]] = {
     "sendMessage": {
         status: {
             "GetMessage": ("getMessage", {"message_id": _BY_ID}),
-            "EditMessage": ("editMessage", {"message_id": _BY_ID, "header.If-Match": _VERSION}),
-            "DeleteMessage": (
-                "deleteMessage",
-                {"message_id": _BY_ID, "header.If-Match": _VERSION},
-            ),
+            "EditMessage": _EDIT,
+            "DeleteMessage": _DELETE,
             "GetMessageHistory": ("getMessageHistory", {"message_id": _BY_ID}),
         }
         for status in ("201", "200")
@@ -371,10 +375,8 @@ _LINKS: dict[str, dict[str, dict[str, tuple[str, dict[str, str]]]]] = {
     "editMessage": {
         "200": {
             "GetMessageHistory": ("getMessageHistory", {"message_id": _BY_ID}),
-            "DeleteMessage": (
-                "deleteMessage",
-                {"message_id": _BY_ID, "header.If-Match": _VERSION},
-            ),
+            "EditMessage": _EDIT,
+            "DeleteMessage": _DELETE,
         }
     },
 }
@@ -386,10 +388,21 @@ def _link_operations(paths: dict[str, Any]) -> None:
             if method == "parameters":
                 continue
             for status, links in _LINKS.get(op["operationId"], {}).items():
-                op["responses"][status]["links"] = {
-                    name: {"operationId": target, "parameters": dict(params)}
-                    for name, (target, params) in links.items()
+                # A copy: operations share response objects (every 200 with a message is one
+                # dict), and links set on a shared one would end up on all of them.
+                op["responses"][status] = {
+                    **op["responses"][status],
+                    "links": {name: _link(*link) for name, link in links.items()},
                 }
+
+
+def _link(
+    target: str, params: dict[str, str], body: dict[str, str] | None = None
+) -> dict[str, Any]:
+    link: dict[str, Any] = {"operationId": target, "parameters": dict(params)}
+    if body is not None:
+        link["requestBody"] = dict(body)
+    return link
 
 
 def _name_operations(paths: dict[str, Any]) -> None:
