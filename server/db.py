@@ -15,8 +15,9 @@ Trips through the bridge: each ``aio`` call is a hand-over between trio and the 
 the main cost of a query under load. A one-statement unit of work (``Database.oneshot`` for
 reads and ``fetch*``, ``Database.atomic`` for a write in its own transaction) makes one trip:
 borrowing, BEGIN, the statement, COMMIT and returning the connection happen inside asyncio
-(``Database.one``). ``transaction()`` makes one per statement plus borrow, BEGIN, COMMIT and
-release. Returning a connection skips asyncpg's reset query (see ``_keep_session``).
+(``Database.one``). ``transaction()`` makes one per statement plus one: borrowing and BEGIN
+ride with its first statement, COMMIT with the release (``TransactionTx``). Returning a
+connection skips asyncpg's reset query (see ``_keep_session``).
 
 ``Database.listen`` opens the one connection that is not from the pool: a node's LISTEN/NOTIFY
 connection for the broker (``server/broker.py``); see ``Listener``.
@@ -234,6 +235,72 @@ class OneShot(Tx):
         return await self._db.one("fetchval", sql, args, atomic=self._atomic)
 
 
+class TransactionTx(Tx):
+    """The statements of one ``Database.transaction()``, on one connection borrowed lazily.
+
+    The first statement borrows the connection, sends BEGIN (and the actor's ``set_config``)
+    and runs, in one trip through the bridge (``Database._begin_and_run``); the others take one
+    trip each; the end of the block commits (or rolls back) and returns the connection in one
+    more (``_end``).
+    """
+
+    __slots__ = ("_actor_id", "_db", "_timeout")
+
+    def __init__(self, db: Database, actor_id: str | None, timeout: float) -> None:
+        self._conn: asyncpg.Connection | None = None
+        self._db = db
+        self._actor_id = actor_id
+        self._timeout = timeout
+
+    async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
+        if self._conn is not None:
+            return await aio(getattr(self._conn, method))(sql, *args)
+        try:
+            self._conn, result = await aio(self._db._begin_and_run)(
+                method, sql, args, self._actor_id, self._timeout
+            )
+        except TimeoutError:
+            raise Unavailable("The database is busy; try again.") from None
+        except _LOST_ERRORS as exc:
+            raise Unavailable("The database is unavailable.") from exc
+        return result
+
+    async def _end(self, how: str, *, discard: bool = False) -> None:
+        """Commit, roll back or discard (terminate) the transaction and return the connection:
+        one trip, shielded (with a timeout) unless committing. COMMIT's errors propagate."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if how == "commit":
+            try:
+                await aio(self._db._settle)(conn, how)
+            except _LOST_ERRORS as exc:
+                raise Unavailable("The database connection was lost.") from exc
+            return
+        if how == "discard":
+            self._db._discard(conn)  # in the loop's thread, before the release below
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S) as scope:
+            with contextlib.suppress(*_LOST_ERRORS, asyncpg.PostgresError):
+                await aio(self._db._settle)(conn, how, discard=discard)
+        if scope.cancelled_caught:
+            self._db._discard(conn)
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self._run("execute", sql, args)  # type: ignore[no-any-return]
+
+    async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
+        await self._run("executemany", sql, (args,))
+
+    async def fetch(self, sql: str, *args: Any) -> list[Record]:
+        return await self._run("fetch", sql, args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Record | None:
+        return await self._run("fetchrow", sql, args)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._run("fetchval", sql, args)
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStats:
     """Figures for metrics and /readyz."""
@@ -434,41 +501,89 @@ class Database:
             AsyncioThread.get().call(conn.terminate)
 
     @contextlib.asynccontextmanager
-    async def transaction(self, *, actor_id: str | None = None) -> AsyncIterator[Tx]:
+    async def transaction(
+        self, *, actor_id: str | None = None, timeout: float = 10.0
+    ) -> AsyncIterator[Tx]:
         """Run the block in exactly one transaction: commit on success, roll back on error.
 
         ``actor_id`` is made visible to triggers (``threadline.actor_id``) for the audit trail.
+
+        Trips through the bridge: borrowing the connection and BEGIN ride with the block's first
+        statement, COMMIT with returning the connection (``TransactionTx``): a transaction of k
+        statements makes k + 1 trips. A block that runs no statement borrows nothing.
+        ``Unavailable`` when no connection comes within ``timeout`` or the connection is lost.
         """
-        async with self.connection() as conn:
-            try:
-                tr = conn.transaction()
-                await aio(tr.start)()
-            except _CONNECTION_ERRORS as exc:
-                raise Unavailable("The database is unavailable.") from exc
-            tx = Tx(conn)
-            try:
-                if actor_id is not None:
-                    await tx.execute("SELECT set_config('threadline.actor_id', $1, true)", actor_id)
-                yield tx
-            except asyncpg.PostgresError:
-                with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S):
-                    if not _is_closed(conn):
-                        with contextlib.suppress(*_LOST_ERRORS):
-                            await aio(tr.rollback)()
-                raise
-            except trio.Cancelled:
-                raise  # the connection is terminated by connection(); no rollback needed
-            except BaseException:
-                with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_TIMEOUT_S):
-                    if not _is_closed(conn):
-                        with contextlib.suppress(*_LOST_ERRORS):
-                            await aio(tr.rollback)()
-                raise
-            else:
+        tx = TransactionTx(self, actor_id, timeout)
+        try:
+            yield tx
+        except trio.Cancelled:
+            # Maybe mid-statement: the connection is terminated, never returned mid-operation
+            # (an open transaction dies with it: nothing commits).
+            await tx._end("discard")
+            raise
+        except _LOST_ERRORS as exc:
+            await tx._end("discard")
+            raise Unavailable("The database connection was lost.") from exc
+        except asyncpg.PostgresError:
+            await tx._end("rollback")  # the server answered: the connection itself is fine
+            raise
+        except BaseException:
+            await tx._end("rollback", discard=True)
+            raise
+        else:
+            await tx._end("commit")
+
+    async def _begin_and_run(
+        self, method: str, sql: str, args: Sequence[Any], actor_id: str | None, timeout: float
+    ) -> tuple[asyncpg.Connection, Any]:
+        """In the asyncpg loop, one task: borrow, BEGIN, (``set_config``), the first statement.
+
+        All or nothing: if any step fails (or the task is cancelled) the connection goes back
+        to the pool (terminated unless the server answered cleanly) and the error propagates.
+        """
+        conn = await self._pool.acquire(timeout=timeout)
+        try:
+            await conn.execute("BEGIN")
+            if actor_id is not None:
+                await conn.execute("SELECT set_config('threadline.actor_id', $1, true)", actor_id)
+            result = await getattr(conn, method)(sql, *args)
+        except asyncpg.PostgresError as exc:
+            await self._settle(conn, "discard" if isinstance(exc, _LOST_ERRORS) else "rollback")
+            raise
+        except BaseException:  # cancelled mid-statement, or the connection broke
+            await self._settle(conn, "discard")
+            raise
+        return conn, result
+
+    async def _settle(self, conn: asyncpg.Connection, how: str, *, discard: bool = False) -> None:
+        """In the asyncpg loop: end ``conn``'s transaction (``commit``, ``rollback``, or
+        ``discard``: terminate the connection) and return it to the pool, in one task.
+
+        The COMMIT's error (a deferred constraint, a serialization failure, a lost session)
+        propagates once the connection is settled; a connection whose ending failed or was
+        cancelled is terminated, never reused.
+        """
+        error: BaseException | None = None
+        try:
+            if how == "commit":
                 try:
-                    await aio(tr.commit)()
-                except _LOST_ERRORS as exc:
-                    raise Unavailable("The database connection was lost.") from exc
+                    await conn.execute("COMMIT")
+                except asyncpg.PostgresError as exc:
+                    error = exc
+                    how = "discard" if isinstance(exc, _LOST_ERRORS) else "rollback"
+            if how == "rollback" and not _is_closed(conn) and conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the release
+            error = error or exc
+            discard = True
+        if how == "discard" or discard or (not _is_closed(conn) and conn.is_in_transaction()):
+            self._discard(conn)
+        try:
+            await self._pool.release(conn)  # a closed connection: bookkeeping only, no I/O
+        except (*_LOST_ERRORS, asyncpg.PostgresError):
+            self._discard(conn)
+        if error is not None:
+            raise error
 
     @contextlib.asynccontextmanager
     async def statements(self) -> AsyncIterator[Tx]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from typing import Any
 
 import asyncpg
 import pytest
@@ -211,3 +212,55 @@ async def test_the_bridge_waits_for_asyncio_cleanup_before_trio_sees_the_cancel(
     with pytest.raises(ValueError, match="from asyncio"):
         await aio(fail)()
     assert await aio(value)(21) == 42
+
+
+async def test_a_transaction_of_k_statements_takes_k_plus_one_trips(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Borrowing and BEGIN ride with the first statement, COMMIT with the release: each trip
+    through the bridge is a hand-over between two threads, the main latency of a statement under
+    load. A block that runs no statement borrows nothing."""
+    from server.db import AsyncioThread
+
+    trips = 0
+    bridge = AsyncioThread.get()
+    inner = bridge.run
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal trips
+        trips += 1
+        return await inner(fn, *args, **kwargs)
+
+    monkeypatch.setattr(bridge, "run", counted)
+    for k in (1, 3):
+        trips = 0
+        async with db.transaction(actor_id=str(uuid.uuid4())) as tx:
+            for n in range(k):
+                assert await tx.fetchval("SELECT $1::int", n) == n
+            assert await tx.fetchval("SELECT current_setting('threadline.actor_id')") is not None
+        assert trips == k + 2  # k statements + the actor check + COMMIT-and-release
+    trips = 0
+    before = db.stats()
+    async with db.transaction():
+        pass
+    assert trips == 0 and db.stats() == before
+
+
+async def test_a_failed_first_statement_leaves_no_transaction_behind(db: Database) -> None:
+    """The first trip is all or nothing: its statement failing rolls the transaction back and
+    returns the connection before the error reaches the caller; the pool stays healthy."""
+    before = db.stats()
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        async with db.transaction() as tx:
+            await tx.fetchval("SELECT 1 / 0")
+    assert db.stats().in_use == 0 and db.stats().size == before.size
+    with pytest.raises(Unavailable):
+        async with db.transaction(timeout=0.1) as tx:
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(db.stats().max):
+                    await stack.enter_async_context(db.connection())
+                await tx.fetchval("SELECT 1")  # no connection left within the timeout
+    async with db.transaction() as tx:
+        assert await tx.fetchval("SELECT 2") == 2
+    async with db.connection() as conn:
+        assert not conn.is_in_transaction()
