@@ -8,7 +8,9 @@ A reply, for one ``ReplyRequest``:
    ``monthly_budget_usd``; a budget set concurrently with a start applies from the next one);
    insert the assistant message (``streaming``, seq = next, with its ``message.created`` event)
    and reserve the worst-case cost. A refused reply is inserted ``failed`` with ``assistant.failed``
-   (``budget_exceeded`` / ``content_filtered``) and no provider is called.
+   (``budget_exceeded`` / ``content_filtered``) and no provider is called. Otherwise the provider
+   call starts (a child task) before the COMMIT, so the request travels while the commit flushes;
+   its text waits for the commit before anything is published, and a failed commit cancels it.
 2. **Stream**: ``assistant.started {message_id}``, then ``assistant.delta {message_id, index,
    text}`` frames coalesced by ``DeltaCoalescer``; the text so far is saved every
    ``_SAVE_INTERVAL_S`` with unversioned updates.
@@ -61,7 +63,7 @@ from server.llm import pricing, tokens
 from server.llm.client import LLMClient, LLMError
 from server.llm.coalesce import DeltaCoalescer
 from server.llm.prompt import ContentFiltered, Prompt, Turn, build_prompt, check_content
-from server.llm.provider import Completion, Usage
+from server.llm.provider import Completion, OnText, Usage
 from server.services import ReplyRequest, Services
 from server.storage import assistant as store
 
@@ -111,6 +113,16 @@ class _Reply:
     message_id: str | None = None
     emitted: list[str] = field(default_factory=list)  # text of each delta published so far
     waiting: bool = False  # for the thread's reply on another node to end (not started)
+
+
+@dataclass
+class _Call:
+    """The outcome of a reply's provider call: a completion, a typed failure, or neither (a bug,
+    logged: the reply fails ``internal``)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    completion: Completion | None = None
+    failure: LLMError | None = None
 
 
 class _ThreadBusy(Exception):
@@ -406,33 +418,14 @@ class AssistantService:
     async def _generate(self, reply: _Reply) -> None:
         request = reply.request
         bound = log.bind(thread_id=request.thread_id, reply_to=request.user_message_id)
-        try:
-            while True:
-                try:
-                    started = await self._start(request)
-                    break
-                except _ThreadBusy:
-                    if self._closing:  # shutting down: it would wait past the drain
-                        self._refuse_soon(request, "unavailable")
-                        return
-                    await self._wait_for_slot(reply)
-        except (LookupError, ThreadlineError) as exc:
-            bound.warning("assistant.not_started", error=type(exc).__name__)
-            return
-        if started is None:
-            return
-        message_id = started.message["id"]
-        reply.message_id = message_id
-        structlog.contextvars.bind_contextvars(message_id=message_id)
-        bound = bound.bind(message_id=message_id)
-        self._publish(request.thread_id, "assistant.started", None, {"message_id": message_id})
-
+        call = _Call()
         parts: list[str] = []
+        committed = trio.Event()  # the start's commit: nothing is published before it
         index = 0
 
         def emit(text: str) -> None:
             nonlocal index
-            data = {"message_id": message_id, "index": index, "text": text}
+            data = {"message_id": reply.message_id, "index": index, "text": text}
             reply.emitted.append(text)
             self._publish(request.thread_id, "assistant.delta", None, data)
             index += 1
@@ -440,26 +433,38 @@ class AssistantService:
         coalescer = DeltaCoalescer(emit)
 
         async def on_text(text: str) -> None:
+            if not committed.is_set():  # the provider answered before the start committed
+                await committed.wait()
             parts.append(text)
             coalescer.push(text)
 
-        completion: Completion | None = None
-        failure: LLMError | None = None
-        internal = False
         async with trio.open_nursery() as helpers:
+
+            def launch(started: _Started) -> None:
+                # Inside the start transaction, once the reply is decided and written: the
+                # provider's request goes out while the transaction commits.
+                structlog.contextvars.bind_contextvars(message_id=started.message["id"])
+                helpers.start_soon(self._call, started, on_text, call)
+
+            try:
+                started = await self._start_when_free(reply, launch)
+            except (LookupError, ThreadlineError) as exc:
+                helpers.cancel_scope.cancel()  # a call launched before a failed commit
+                bound.warning("assistant.not_started", error=type(exc).__name__)
+                return
+            except BaseException:
+                helpers.cancel_scope.cancel()
+                raise
+            if started is None:
+                return
+            message_id = started.message["id"]
+            reply.message_id = message_id
+            self._publish(request.thread_id, "assistant.started", None, {"message_id": message_id})
+            committed.set()
             helpers.start_soon(coalescer.run)
             helpers.start_soon(self._save_periodically, message_id, parts)
             try:
-                completion = await self.llm.stream_chat(
-                    started.prompt.messages,
-                    max_tokens=self.settings.llm_max_reply_tokens,
-                    on_text=on_text,
-                )
-            except LLMError as exc:
-                failure = exc
-            except Exception:  # noqa: BLE001 - a bug must still settle the reply; Cancelled is not an Exception
-                bound.exception("assistant.internal_error")
-                internal = True
+                await call.done.wait()
             except BaseException:
                 # Cancelled (by ``cancel`` or by shutdown): keep the partial text, shielded.
                 coalescer.flush()
@@ -473,12 +478,39 @@ class AssistantService:
         text = "".join(parts)
         # The stream is over: its outcome is written even if a cancel arrives now.
         with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
-            if completion is not None:
+            if call.completion is not None:
+                completion = call.completion
                 await self._finish(request, started, "completed", completion.text, completion, None)
             else:
-                reason = failure.reason if failure is not None else "internal"
-                assert failure is not None or internal
+                reason = call.failure.reason if call.failure is not None else "internal"
                 await self._finish(request, started, "failed", text, None, reason)
+
+    async def _call(self, started: _Started, on_text: OnText, call: _Call) -> None:
+        """The provider call of one reply (a child of ``_generate``): its outcome in ``call``."""
+        try:
+            call.completion = await self.llm.stream_chat(
+                started.prompt.messages,
+                max_tokens=self.settings.llm_max_reply_tokens,
+                on_text=on_text,
+            )
+        except LLMError as exc:
+            call.failure = exc
+        except Exception:  # a bug must still settle the reply (Cancelled is no Exception)
+            log.exception("assistant.internal_error")
+        call.done.set()
+
+    async def _start_when_free(
+        self, reply: _Reply, launch: Callable[[_Started], None]
+    ) -> _Started | None:
+        """``_start``, waiting while the thread's reply is being generated on another node."""
+        while True:
+            try:
+                return await self._start(reply.request, launch=launch)
+            except _ThreadBusy:
+                if self._closing:  # shutting down: it would wait past the drain
+                    self._refuse_soon(reply.request, "unavailable")
+                    return None
+                await self._wait_for_slot(reply)
 
     async def _wait_for_slot(self, reply: _Reply) -> None:
         """Wait until the thread's reply on another node ends (or a second passes).
@@ -501,10 +533,19 @@ class AssistantService:
         finally:
             reply.waiting = False
 
-    async def _start(self, request: ReplyRequest, refuse: str | None = None) -> _Started | None:
+    async def _start(
+        self,
+        request: ReplyRequest,
+        refuse: str | None = None,
+        launch: Callable[[_Started], None] | None = None,
+    ) -> _Started | None:
         """The start transaction (see module docstring). None when refused (already recorded).
 
         ``refuse`` records a refusal decided before the start (queue full, shutting down).
+        ``launch`` is called with the reply, once it is written and before the transaction
+        commits (the thread row is still locked, so no other start can race it), to send the
+        provider's request while the commit takes its round trip and WAL flush; the caller
+        publishes nothing of the call until this returns.
         """
         settings = self.settings
         model = self.llm.model
@@ -550,18 +591,21 @@ class AssistantService:
                 )
             )
             pending.append(("message.created", seq, message))
+            whole = prompt.turns_included == len(turns) < store.HISTORY_LIMIT
+            started = _Started(message=message, prompt=prompt, model=model, whole_history=whole)
             if refused is not None:
                 data = self._failed_payload(message["id"], "", "failed", refused)
                 await store.append_event(tx, request.thread_id, seq + 1, "assistant.failed", data)
                 pending.append(("assistant.failed", seq + 1, data))
+            elif launch is not None:
+                launch(started)
         for type_, event_seq, data in pending:
             self._publish(request.thread_id, type_, event_seq, data)
         if refused is not None:
             # No provider call was made, so threadline_llm_requests_total is not touched.
             log.info("assistant.refused", thread_id=request.thread_id, reason=refused)
             return None
-        whole = prompt.turns_included == len(turns) < store.HISTORY_LIMIT
-        return _Started(message=message, prompt=prompt, model=model, whole_history=whole)
+        return started
 
     async def _save_periodically(self, message_id: str, parts: list[str]) -> None:
         saved = 0
