@@ -16,8 +16,10 @@ the main cost of a query under load. A one-statement unit of work (``Database.on
 reads and ``fetch*``, ``Database.atomic`` for a write in its own transaction) makes one trip:
 borrowing, BEGIN, the statement, COMMIT and returning the connection happen inside asyncio
 (``Database.one``). ``transaction()`` makes one per statement plus one: borrowing and BEGIN
-ride with its first statement, COMMIT with the release (``TransactionTx``). Returning a
-connection skips asyncpg's reset query (see ``_keep_session``).
+ride with its first statement, COMMIT with the release (``TransactionTx``); a block that ends
+with ``TransactionTx.commit_with`` sends its last statement, COMMIT and the release in one trip
+(k statements, k trips), so the locks that statement takes are not held across a wait for trio.
+Returning a connection skips asyncpg's reset query (see ``_keep_session``).
 
 ``Database.listen`` opens the one connection that is not from the pool: a node's LISTEN/NOTIFY
 connection for the broker (``server/broker.py``); see ``Listener``.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -244,17 +247,20 @@ class TransactionTx(Tx):
     more (``_end``).
     """
 
-    __slots__ = ("_actor_id", "_db", "_timeout")
+    __slots__ = ("_actor_id", "_db", "_ended", "_timeout")
 
     def __init__(self, db: Database, actor_id: str | None, timeout: float) -> None:
         self._conn: asyncpg.Connection | None = None
         self._db = db
         self._actor_id = actor_id
         self._timeout = timeout
+        self._ended = False  # by ``commit_with``: a later statement would begin a new one
 
     async def _run(self, method: str, sql: str, args: Sequence[Any]) -> Any:
         if self._conn is not None:
             return await aio(getattr(self._conn, method))(sql, *args)
+        if self._ended:
+            raise RuntimeError("this transaction has already been committed (commit_with)")
         try:
             self._conn, result = await aio(self._db._begin_and_run)(
                 method, sql, args, self._actor_id, self._timeout
@@ -284,6 +290,55 @@ class TransactionTx(Tx):
                 await aio(self._db._settle)(conn, how, discard=discard)
         if scope.cancelled_caught:
             self._db._discard(conn)
+
+    async def commit_with(
+        self,
+        method: str,
+        sql: str,
+        *args: Any,
+        before_commit: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Run the transaction's last statement (``connection.<method>``), COMMIT and return the
+        connection, in one trip: nothing waits for this event loop between the statement and
+        the COMMIT, so the locks it took are held as briefly as the database allows.
+
+        ``before_commit(result)`` runs in this event loop, in the caller's context, as soon as
+        the statement has answered, while the COMMIT is on its way (it must not block; an
+        exception it raises is logged). The transaction has ended when this returns: the end
+        of the block does nothing more, and another statement in it raises ``RuntimeError``.
+        COMMIT's errors propagate, the connection settled.
+        """
+        if self._conn is None:  # the first statement too: BEGIN rides with it as usual
+            result = await self._run(method, sql, args)
+            self._ended = True
+            if before_commit is not None:
+                try:
+                    before_commit(result)
+                except Exception:
+                    log.exception("db.before_commit_failed")
+            await self._end("commit")
+            return result
+        report: Callable[[Any], None] | None = None
+        if before_commit is not None:
+            token = trio.lowlevel.current_trio_token()
+            context = contextvars.copy_context()
+            hook = before_commit
+
+            def guarded(result: Any) -> None:
+                try:
+                    hook(result)
+                except Exception:
+                    log.exception("db.before_commit_failed")
+
+            def report(result: Any) -> None:  # in the asyncpg loop's thread
+                token.run_sync_soon(context.run, guarded, result)
+
+        conn, self._conn = self._conn, None  # the trip settles it, whatever happens
+        self._ended = True
+        try:
+            return await aio(self._db._run_and_commit)(conn, method, sql, args, report)
+        except _LOST_ERRORS as exc:
+            raise Unavailable("The database connection was lost.") from exc
 
     async def execute(self, sql: str, *args: Any) -> str:
         return await self._run("execute", sql, args)  # type: ignore[no-any-return]
@@ -503,7 +558,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def transaction(
         self, *, actor_id: str | None = None, timeout: float = 10.0
-    ) -> AsyncIterator[Tx]:
+    ) -> AsyncIterator[TransactionTx]:
         """Run the block in exactly one transaction: commit on success, roll back on error.
 
         ``actor_id`` is made visible to triggers (``threadline.actor_id``) for the audit trail.
@@ -554,6 +609,30 @@ class Database:
             await self._settle(conn, "discard")
             raise
         return conn, result
+
+    async def _run_and_commit(
+        self,
+        conn: asyncpg.Connection,
+        method: str,
+        sql: str,
+        args: Sequence[Any],
+        report: Callable[[Any], None] | None,
+    ) -> Any:
+        """In the asyncpg loop, one task: a statement, ``report(result)``, COMMIT, release."""
+        try:
+            result = await getattr(conn, method)(sql, *args)
+        except asyncpg.PostgresError as exc:
+            await self._settle(conn, "discard" if isinstance(exc, _LOST_ERRORS) else "rollback")
+            raise
+        except BaseException:  # cancelled mid-statement, or the connection broke
+            await self._settle(conn, "discard")
+            raise
+        if report is not None:
+            # Never in the way of the COMMIT (trio's run may have ended meanwhile).
+            with contextlib.suppress(Exception):
+                report(result)
+        await self._settle(conn, "commit")
+        return result
 
     async def _settle(self, conn: asyncpg.Connection, how: str, *, discard: bool = False) -> None:
         """In the asyncpg loop: end ``conn``'s transaction (``commit``, ``rollback``, or

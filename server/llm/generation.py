@@ -443,8 +443,8 @@ class AssistantService:
             def launch(started: _Started) -> None:
                 # Inside the start transaction, once the reply is decided and written: the
                 # provider's request goes out while the transaction commits.
-                structlog.contextvars.bind_contextvars(message_id=started.message["id"])
-                helpers.start_soon(self._call, started, on_text, call)
+                with structlog.contextvars.bound_contextvars(message_id=started.message["id"]):
+                    helpers.start_soon(self._call, started, on_text, call)
 
             try:
                 started = await self._start_when_free(reply, launch)
@@ -459,6 +459,7 @@ class AssistantService:
                 return
             message_id = started.message["id"]
             reply.message_id = message_id
+            structlog.contextvars.bind_contextvars(message_id=message_id)
             self._publish(request.thread_id, "assistant.started", None, {"message_id": message_id})
             committed.set()
             helpers.start_soon(coalescer.run)
@@ -549,7 +550,6 @@ class AssistantService:
         """
         settings = self.settings
         model = self.llm.model
-        pending: list[tuple[str, int, dict[str, Any]]] = []
         refused: str | None = refuse
         async with self.services.db.transaction() as tx:
             base = await store.lock_for_reply(
@@ -567,45 +567,44 @@ class AssistantService:
             except ContentFiltered:
                 refused = refused or "content_filtered"
             estimate = pricing.reply_estimate_usd(settings, model, prompt.tokens)
-            if refused is None and base["monthly_budget_usd"] is not None:
-                # Only budgeted projects serialise their reply starts on the project row, and
-                # only from here to the commit (one insert): unlimited ones run in parallel.
-                budget = await store.lock_budget(tx, request.project_id)
-                if (
-                    budget is not None
-                    and budget["monthly_budget_usd"] is not None
-                    and Decimal(budget["spent"]) + estimate > Decimal(budget["monthly_budget_usd"])
-                ):
-                    refused = "budget_exceeded"
-            message = json.loads(
-                await store.insert_reply(
-                    tx,
-                    thread_id=request.thread_id,
-                    project_id=request.project_id,
-                    seq=seq,
-                    reply_to=request.user_message_id,
-                    model=model,
-                    status="failed" if refused else "streaming",
-                    reserve_usd=None if refused else estimate,
-                    claimed_by=None if refused else self.incarnation,
-                )
-            )
-            pending.append(("message.created", seq, message))
             whole = prompt.turns_included == len(turns) < store.HISTORY_LIMIT
-            started = _Started(message=message, prompt=prompt, model=model, whole_history=whole)
-            if refused is not None:
-                data = self._failed_payload(message["id"], "", "failed", refused)
-                await store.append_event(tx, request.thread_id, seq + 1, "assistant.failed", data)
-                pending.append(("assistant.failed", seq + 1, data))
-            elif launch is not None:
-                launch(started)
-        for type_, event_seq, data in pending:
-            self._publish(request.thread_id, type_, event_seq, data)
-        if refused is not None:
-            # No provider call was made, so threadline_llm_requests_total is not touched.
-            log.info("assistant.refused", thread_id=request.thread_id, reason=refused)
-            return None
-        return started
+
+            launched: list[_Started] = []
+
+            def decided(result: tuple[str, str]) -> None:
+                # The reply is written, the COMMIT on its way: its provider call may start.
+                outcome, message = result
+                if outcome == "started":
+                    launched.append(_Started(json.loads(message), prompt, model, whole))
+                    if launch is not None:
+                        launch(launched[0])
+
+            # Budgeted projects lock their row from this statement's budget check to its
+            # COMMIT, which follows in the same trip: unlimited ones run in parallel.
+            outcome, message_json = await store.insert_reply_and_commit(
+                tx,
+                thread_id=request.thread_id,
+                project_id=request.project_id,
+                seq=seq,
+                reply_to=request.user_message_id,
+                model=model,
+                reserve_usd=estimate,
+                claimed_by=self.incarnation,
+                refuse=refused,
+                refuse_text=None if refused is None else self._failure_text(refused),
+                budget_text=self._failure_text("budget_exceeded"),
+                before_commit=decided,
+            )
+        if launched:
+            self._publish(request.thread_id, "message.created", seq, launched[0].message)
+            return launched[0]
+        message = json.loads(message_json)
+        self._publish(request.thread_id, "message.created", seq, message)
+        data = self._failed_payload(message["id"], "", "failed", outcome)
+        self._publish(request.thread_id, "assistant.failed", seq + 1, data)
+        # No provider call was made, so threadline_llm_requests_total is not touched.
+        log.info("assistant.refused", thread_id=request.thread_id, reason=outcome)
+        return None
 
     async def _save_periodically(self, message_id: str, parts: list[str]) -> None:
         saved = 0
@@ -722,13 +721,19 @@ class AssistantService:
                 self._on_completed(request.thread_id)
 
     @staticmethod
-    def _failed_payload(message_id: str, content: str, status: str, reason: str) -> dict[str, Any]:
+    def _failure_text(reason: str) -> str:
+        return _FAILURE_TEXT.get(reason, _FAILURE_TEXT["internal"])
+
+    @classmethod
+    def _failed_payload(
+        cls, message_id: str, content: str, status: str, reason: str
+    ) -> dict[str, Any]:
         return {
             "message_id": message_id,
             "content": content,
             "status": status,
             "reason": reason,
-            "message": _FAILURE_TEXT.get(reason, _FAILURE_TEXT["internal"]),
+            "message": cls._failure_text(reason),
         }
 
     def _publish(self, thread_id: str, type_: str, seq: int | None, data: dict[str, Any]) -> None:

@@ -9,10 +9,11 @@ released); in between only unversioned progress saves touch the streaming messag
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from server.db import Record, Tx
+from server.db import Record, TransactionTx, Tx
 from server.storage import messages, threads
 from server.storage.usage import project_spend_this_month
 
@@ -57,60 +58,60 @@ async def lock_for_reply(tx: Tx, thread_id: str, project_id: str, message_id: st
     )
 
 
-async def lock_budget(tx: Tx, project_id: str) -> Record | None:
-    """Lock the project row until commit and read ``monthly_budget_usd`` and ``spent`` (this
-    month, reservations included) in one round trip: the budget check and reservation of
-    concurrent replies in a project are serialised, for as short a time as the rest of the
-    start takes (one insert and the commit)."""
-    return await tx.fetchrow(
-        """SELECT p.monthly_budget_usd, tl_project_spend(p.id) AS spent
-             FROM projects p WHERE p.id = $1 FOR UPDATE""",
-        project_id,
-    )
-
-
-async def insert_reply(
-    tx: Tx,
+async def insert_reply_and_commit(
+    tx: TransactionTx,
     *,
     thread_id: str,
     project_id: str,
     seq: int,
     reply_to: str,
     model: str,
-    status: str,
-    reserve_usd: Decimal | None,
-    claimed_by: str | None = None,
-) -> str:
-    """In one statement: the assistant's message at ``seq`` (empty; ``streaming`` unless refused),
-    its ``message.created`` event, and, with ``reserve_usd``, the reply's budget reservation.
+    reserve_usd: Decimal,
+    claimed_by: str | None,
+    refuse: str | None,
+    refuse_text: str | None,
+    budget_text: str,
+    before_commit: Callable[[tuple[str, str]], None] | None = None,
+) -> tuple[str, str]:
+    """End the reply's start transaction (``tl_insert_reply``, then COMMIT, in one trip): check a
+    budgeted project's month under its row lock (refused: ``budget_exceeded``), then write the
+    assistant message at ``seq`` (``streaming`` and claimed by ``claimed_by``; ``failed`` when
+    refused), its ``message.created`` event and either the reservation of ``reserve_usd`` or,
+    refused (``refuse``, decided before, or the budget), its ``assistant.failed`` event at
+    ``seq + 1`` with ``refuse_text`` / ``budget_text`` as its message.
 
-    ``claimed_by`` (the generating node's incarnation) is the reply's claim: while it streams,
-    that node alone generates it (``messages_one_streaming_reply``: one per thread).
-
-    Returns the message as JSON text (``message_to_dict``'s, the event's payload).
+    Returns ``(outcome, message)``: ``"started"`` or the refusal, and the message as JSON text
+    (``message_to_dict``'s, the event's payload). ``before_commit`` gets the same pair as soon
+    as the statement has answered, while the COMMIT is on its way (see
+    ``TransactionTx.commit_with``).
     """
-    value = await tx.fetchval(
-        """WITH m AS (
-                INSERT INTO messages (thread_id, seq, role, author_id, content, status,
-                                      reply_to, model, claimed_by)
-                VALUES ($1, $2, 'assistant', NULL, '', $3, $4, $5, $8) RETURNING *),
-            e AS (
-                INSERT INTO thread_events (thread_id, seq, type, payload)
-                SELECT m.thread_id, m.seq, 'message.created', tl_message_json(m)::jsonb FROM m),
-            r AS (
-                INSERT INTO budget_reservations (message_id, project_id, amount_usd)
-                SELECT m.id, $6, $7 FROM m WHERE $7::numeric IS NOT NULL)
-           SELECT tl_message_json(m)::text FROM m""",
+
+    def pair(row: Record) -> tuple[str, str]:
+        return str(row["outcome"]), str(row["message"])
+
+    hook: Callable[[Any], None] | None = None
+    if before_commit is not None:
+        then = before_commit
+
+        def hook(row: Any) -> None:
+            then(pair(row))
+
+    row = await tx.commit_with(
+        "fetchrow",
+        "SELECT outcome, message FROM tl_insert_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         thread_id,
+        project_id,
         seq,
-        status,
         reply_to,
         model,
-        project_id,
         reserve_usd,
         claimed_by,
+        refuse,
+        refuse_text,
+        budget_text,
+        before_commit=hook,
     )
-    return str(value)
+    return pair(row)
 
 
 async def latest_summary(tx: Tx, thread_id: str, before_seq: int | None = None) -> Record | None:

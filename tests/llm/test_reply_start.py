@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
+import psycopg
 import trio
 
 from server.db import Database
 from server.events import ThreadEvent
 from server.llm.fake_server import FakeLLM
 from server.runtime import RunningServer
+from server.storage import assistant as store
 from tests.llm.conftest import request_for, seed_thread
 
 
@@ -127,3 +132,60 @@ async def test_a_start_whose_commit_fails_cancels_its_provider_call(
         "message.created",
         "assistant.started",
     ]
+
+
+async def test_a_budgeted_start_frees_the_project_row_without_the_event_loop(
+    db: Database, pg_dsn: str
+) -> None:
+    """The budget check, the reply's insert and the COMMIT run back to back on the database's
+    side of the bridge: the project row is released even while this event loop is busy (here:
+    blocked for 2 s right after the statement answered), so the next reply of the project
+    waits for one statement and a COMMIT, not for this server's scheduling."""
+    seeded = await seed_thread(db, ["budgeted question"], budget=Decimal("100"))
+    waited: list[float] = []
+
+    def take_the_project_row() -> None:
+        with psycopg.connect(pg_dsn) as conn:
+            conn.execute("SET lock_timeout = '4s'")
+            started = time.monotonic()
+            try:
+                conn.execute(
+                    "SELECT 1 FROM projects WHERE id = %s FOR UPDATE", (seeded.project_id,)
+                )
+            except psycopg.errors.LockNotAvailable:
+                waited.append(float("inf"))  # held until this event loop ran again
+                return
+            waited.append(time.monotonic() - started)
+
+    def busy_event_loop(result: tuple[str, str]) -> None:
+        assert result[0] == "started"
+        prober = threading.Thread(target=take_the_project_row)
+        prober.start()
+        time.sleep(2.0)  # this thread (trio's) is blocked; the COMMIT must not need it
+        prober.join()
+
+    async with db.transaction() as tx:
+        base = await store.lock_for_reply(
+            tx, seeded.thread_id, seeded.project_id, seeded.message_ids[-1]
+        )
+        assert base is not None
+        outcome, _ = await store.insert_reply_and_commit(
+            tx,
+            thread_id=seeded.thread_id,
+            project_id=seeded.project_id,
+            seq=int(base["seq"]),
+            reply_to=seeded.message_ids[-1],
+            model="fake-gpt",
+            reserve_usd=Decimal("0.5"),
+            claimed_by=None,
+            refuse=None,
+            refuse_text=None,
+            budget_text="over budget",
+            before_commit=busy_event_loop,
+        )
+    assert outcome == "started"
+    assert waited and waited[0] < 1.0, waited
+    reserved = await db.fetchval(
+        "SELECT sum(amount_usd) FROM budget_reservations WHERE project_id = $1", seeded.project_id
+    )
+    assert reserved == Decimal("0.5")

@@ -264,3 +264,41 @@ async def test_a_failed_first_statement_leaves_no_transaction_behind(db: Databas
         assert await tx.fetchval("SELECT 2") == 2
     async with db.connection() as conn:
         assert not conn.is_in_transaction()
+
+
+async def test_commit_with_runs_the_last_statement_and_commit_in_one_trip(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``commit_with``: the last statement, COMMIT and the release take one trip; its hook sees
+    the statement's result before the COMMIT has returned; the transaction is over after it (a
+    further statement is refused rather than silently opening another transaction)."""
+    from server.db import AsyncioThread
+
+    trips = 0
+    bridge = AsyncioThread.get()
+    inner = bridge.run
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal trips
+        trips += 1
+        return await inner(fn, *args, **kwargs)
+
+    monkeypatch.setattr(bridge, "run", counted)
+    table = "tl_test_commit_with_" + uuid.uuid4().hex[:10]
+    await db.fetchval(f"CREATE TABLE {table} (v int)")
+    trips = 0
+    seen: list[int] = []
+    async with db.transaction() as tx:
+        await tx.execute(f"INSERT INTO {table} VALUES (1)")
+        value = await tx.commit_with(
+            "fetchval",
+            f"INSERT INTO {table} VALUES (2) RETURNING v",
+            before_commit=seen.append,
+        )
+        assert value == 2 and seen == [2]
+        with pytest.raises(RuntimeError, match="already been committed"):
+            await tx.fetchval("SELECT 1")
+    assert trips == 2  # BEGIN + the first statement; the last + COMMIT + release
+    assert db.stats().in_use == 0
+    assert await db.fetchval(f"SELECT count(*) FROM {table}") == 2
+    await db.fetchval(f"DROP TABLE {table}")
