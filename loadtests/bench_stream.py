@@ -67,6 +67,7 @@ class Watcher:
     thread_id: str
     sends: bool = False  # this watcher also sends its thread's user message
     sent_at: float | None = None
+    reply_created_at: float | None = None  # the assistant message's message.created, seen here
     first_delta_at: float | None = None
     frames: int = 0
     text: list[str] = field(default_factory=list)
@@ -195,7 +196,9 @@ async def watch(
             frame = json.loads(await ws.get_message())
             if frame["op"] != "event":
                 continue
-            if frame["type"] == "assistant.delta":
+            if frame["type"] == "message.created" and frame["data"].get("role") == "assistant":
+                watcher.reply_created_at = time.time()
+            elif frame["type"] == "assistant.delta":
                 if watcher.first_delta_at is None:
                     watcher.first_delta_at = time.time()
                 watcher.frames += 1
@@ -275,14 +278,24 @@ async def inline_target(
     return Target(running.url.replace("http://", "ws://") + "/ws", token, thread_ids)
 
 
-async def rest_target(base: str, args: argparse.Namespace, pid: int) -> Target:
-    """A server process (``--server process``): a user, a project and M threads over REST."""
+async def rest_target(
+    base: str, args: argparse.Namespace, pid: int, budget_usd: float | None = None
+) -> Target:
+    """A server process (``--server process``): a user, a project (with a monthly budget when
+    ``budget_usd``) and M threads over REST."""
     async with httpx.AsyncClient(base_url=base, timeout=30) as http:
         creds = {"email": f"bench-{uuid.uuid4().hex[:10]}@example.com", "password": "bench pw 1!"}
         (await http.post("/api/v1/auth/register", json=creds)).raise_for_status()
         token = (await http.post("/api/v1/auth/login", json=creds)).json()["access_token"]
         auth = {"Authorization": f"Bearer {token}"}
         project = (await http.post("/api/v1/projects", json={"name": "bench"}, headers=auth)).json()
+        if budget_usd is not None:
+            r = await http.patch(
+                f"/api/v1/projects/{project['id']}",
+                json={"monthly_budget_usd": budget_usd},
+                headers=auth,
+            )
+            r.raise_for_status()
         thread_ids = []
         for i in range(args.replies):
             r = await http.post(
@@ -322,44 +335,124 @@ async def bench_process(
     return report(run, await fetch_first_tokens(provider_url), args)
 
 
-async def ttft_process(
-    base: str, pid: int, provider_url: str, args: argparse.Namespace
+@dataclass
+class ServerUnderTest:
+    """A ``threadline serve`` process in a ``--ttft`` comparison."""
+
+    name: str
+    base: str
+    pid: int
+
+
+TTFT_KEYS = (
+    "ttfd_from_send_ms",
+    "send_to_provider_request_ms",
+    "send_to_provider_first_token_ms",
+    "provider_own_ms",
+    "ttfd_overhead_added_by_server_ms",
+    "waiting_for_start_commit_ms",
+    "server_cpu_ms_per_reply",
+    "bench_process_cpu_s",
+    "watchers_with_full_text",
+)
+
+
+async def ttft_compare(
+    servers: list[ServerUnderTest], provider_url: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """``--ttft``: time to first delta for a lone reply (``--lone-runs`` of them, one at a time)
-    and for 50 replies requested at once, against one server process."""
-    out: dict[str, Any] = {}
-    for replies, runs in ((1, args.lone_runs), (50, 1)):
-        sub = argparse.Namespace(**{**vars(args), "replies": replies})
-        merged: dict[str, Any] = {"watchers": [], "bench_cpu": 0.0, "server_cpu": 0.0}
-        for _ in range(runs):
-            run = await run_watchers(await rest_target(base, sub, pid), sub)
-            merged["watchers"] += run["watchers"]
-            merged["start"] = merged.get("start", run["start"])
-            merged["end"] = run["end"]
-            merged["bench_cpu"] += run["bench_cpu"]
-            merged["server_cpu"] += run["server_cpu"] or 0.0
-        figures = report(merged, await fetch_first_tokens(provider_url), sub)
-        out[f"{replies} at once" if replies > 1 else "lone reply"] = {
-            key: figures[key]
-            for key in (
-                "ttfd_from_send_ms",
-                "send_to_provider_first_token_ms",
-                "ttfd_overhead_added_by_server_ms",
-                "server_cpu_s",
-                "watchers_with_full_text",
+    """``--ttft``: time to first delta, every server and case interleaved in one run.
+
+    Cases: a lone reply (``--lone-runs`` of them, one at a time), and ``--at-once`` replies
+    requested at once (``--rounds`` times); with ``--budget-compare``, the same again in a
+    project with a monthly budget (large enough never to refuse), on every server. Rounds
+    alternate the order of the servers (A B, B A, ...), so that the machine's drifts fall on
+    all of them alike. Each server first answers ``--warmup`` replies, not measured (a process's
+    first reply pays lazy imports and the provider connection).
+    """
+    lone = argparse.Namespace(**{**vars(args), "replies": 1})
+    many = argparse.Namespace(**{**vars(args), "replies": args.at_once})
+    cases: list[tuple[str, argparse.Namespace, int, float | None]] = [
+        ("lone reply", lone, args.lone_runs, None),
+        (f"{args.at_once} at once", many, args.rounds, None),
+    ]
+    if args.budget_compare:
+        cases.append((f"{args.at_once} at once, budgeted project", many, args.rounds, 1e6))
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    warm = argparse.Namespace(**{**vars(lone), "replies": args.warmup})
+    for s in servers:  # not measured: a process's first reply pays lazy imports, a connect
+        if args.warmup:
+            await run_watchers(await rest_target(s.base, warm, s.pid), warm)
+    for case, sub, count, budget in cases:
+        # Every run's threads are made first (REST, password hashing), outside the measurement.
+        targets = {
+            s.name: await rest_target(
+                s.base,
+                argparse.Namespace(**{**vars(sub), "replies": sub.replies * count}),
+                s.pid,
+                budget,
             )
+            for s in servers
+        }
+        for i in range(count):
+            order = servers if i % 2 == 0 else servers[::-1]
+            for s in order:
+                whole = targets[s.name]
+                ids = whole.thread_ids[i * sub.replies : (i + 1) * sub.replies]
+                target = Target(whole.ws_url, whole.token, ids, s.pid)
+                runs.setdefault((s.name, case), []).append(await run_watchers(target, sub))
+    first_tokens, requests = await fetch_provider_times(provider_url)
+    out: dict[str, Any] = {}
+    for (name, case), done in runs.items():
+        sub = lone if case == "lone reply" else many
+        merged: dict[str, Any] = {
+            "watchers": [w for run in done for w in run["watchers"]],
+            "start": done[0]["start"],
+            "end": done[-1]["end"],
+            "bench_cpu": sum(run["bench_cpu"] for run in done),
+            "server_cpu": sum(run["server_cpu"] or 0.0 for run in done),
+        }
+        figures = report(merged, first_tokens, sub, requests)
+        figures["server_cpu_ms_per_reply"] = round(
+            merged["server_cpu"] * 1000 / (len(done) * sub.replies), 2
+        )
+        out.setdefault(name, {})[case] = {key: figures[key] for key in TTFT_KEYS}
+    now = servers[0].name
+    for before in (s.name for s in servers[1:]):
+        out[f"ratios (now / {before})"] = {
+            case: {
+                "ttfd p50": _ratio(out[now][case], out[before][case], "ttfd_from_send_ms", "p50"),
+                "ttfd p99": _ratio(out[now][case], out[before][case], "ttfd_from_send_ms", "p99"),
+                "server cpu per reply": round(
+                    out[now][case]["server_cpu_ms_per_reply"]
+                    / max(out[before][case]["server_cpu_ms_per_reply"], 1e-9),
+                    2,
+                ),
+            }
+            for case in out[now]
         }
     return out
 
 
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str, q: str) -> float:
+    return round(float(a[key][q]) / max(float(b[key][q]), 1e-9), 2)
+
+
 async def fetch_first_tokens(provider_url: str) -> dict[str, float]:
+    return (await fetch_provider_times(provider_url))[0]
+
+
+async def fetch_provider_times(provider_url: str) -> tuple[dict[str, float], dict[str, float]]:
+    """The fake provider's clock: when each stream's first token left, when its request came."""
     async with httpx.AsyncClient() as http:
         stats = (await http.get(provider_url.removesuffix("/v1") + "/control/stats")).json()
-    return dict(stats["first_token_at_unix"])
+    return dict(stats["first_token_at_unix"]), dict(stats.get("request_at_unix", {}))
 
 
 def report(
-    run: dict[str, Any], first_tokens: dict[str, float], args: argparse.Namespace
+    run: dict[str, Any],
+    first_tokens: dict[str, float],
+    args: argparse.Namespace,
+    requests: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     watchers: list[Watcher] = run["watchers"]
     wall = run["end"] - run["start"]
@@ -376,6 +469,26 @@ def report(
         w.first_delta_at - first_tokens[f"bench {w.thread_id}"]
         for w in watchers
         if w.first_delta_at and f"bench {w.thread_id}" in first_tokens
+    ]
+    # The server's part before the provider: the send written -> the provider's request read.
+    to_request = [
+        requests[f"bench {t}"] - sent
+        for t, sent in sent_at.items()
+        if requests and f"bench {t}" in requests
+    ]
+    # The provider's own time: its request in -> its first token out (fake-llm's clock).
+    provider_own = [
+        first_tokens[key] - requests[key]
+        for key in (f"bench {t}" for t in sent_at)
+        if requests and key in requests and key in first_tokens
+    ]
+    # Of the time added after the provider's first token, the part before the reply's
+    # message.created reached the watcher: the start transaction still committing (the
+    # provider's request goes out before the COMMIT; nothing of a reply is published before it).
+    commit_wait = [
+        max(0.0, w.reply_created_at - first_tokens[f"bench {w.thread_id}"])
+        for w in watchers
+        if w.reply_created_at and f"bench {w.thread_id}" in first_tokens
     ]
     complete = sum(1 for w in watchers if len("".join(w.text).split()) == args.tokens)
 
@@ -401,8 +514,11 @@ def report(
         "frames_per_s": round(frames / wall, 1),
         "frames_per_reply_per_watcher": round(frames / len(watchers), 1),
         "ttfd_from_send_ms": pcts(ttfd),
+        "send_to_provider_request_ms": pcts(to_request),
         "send_to_provider_first_token_ms": pcts(to_provider),
         "ttfd_overhead_added_by_server_ms": pcts(overhead),
+        "provider_own_ms": pcts(provider_own),
+        "waiting_for_start_commit_ms": pcts(commit_wait),
     }
 
 
@@ -420,8 +536,23 @@ def main() -> None:
         action="store_true",
         help="time to first delta: a lone reply (several runs) and 50 at once; 20 tokens, 1 ms",
     )
-    parser.add_argument("--lone-runs", type=int, default=10)
-    parser.add_argument("--before", help="also run this git revision's server, same clients")
+    parser.add_argument("--lone-runs", type=int, default=20, help="--ttft: lone replies")
+    parser.add_argument("--at-once", type=int, default=50, help="--ttft: replies at once")
+    parser.add_argument("--rounds", type=int, default=2, help="--ttft: runs of --at-once")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="--ttft: replies per server before measuring"
+    )
+    parser.add_argument(
+        "--budget-compare",
+        action="store_true",
+        help="--ttft: also run --at-once in a project with a monthly budget",
+    )
+    parser.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        help="also run this git revision's server, same clients (repeatable: --ttft compares all)",
+    )
     args = parser.parse_args()
     if args.ttft:
         args.server, args.tokens, args.delay_ms = "process", 20, 1.0
@@ -458,10 +589,9 @@ def main() -> None:
             proc, base = stack.enter_context(
                 process(["serve", "--port", str(free_port())], server_env, "threadline: serving on")
             )
-            run = ttft_process if args.ttft else bench_process
-            result = trio.run(run, base, proc.pid, provider_url, args)
-            if args.before:
-                tree = stack.enter_context(harness.revision_tree(args.before))
+            servers = [ServerUnderTest("now", base, proc.pid)]
+            for rev in args.before:
+                tree = stack.enter_context(harness.revision_tree(rev))
                 before_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-b-"))
                 os.chmod(before_dir, 0o777)
                 proc, base = stack.enter_context(
@@ -472,10 +602,16 @@ def main() -> None:
                         cwd=tree,
                     )
                 )
+                servers.append(ServerUnderTest(f"before ({rev})", base, proc.pid))
+            if args.ttft:  # both servers alive at once, their runs interleaved
+                result = trio.run(ttft_compare, servers, provider_url, args)
+            else:
                 result = {
-                    "now": result,
-                    f"before ({args.before})": trio.run(run, base, proc.pid, provider_url, args),
+                    s.name: trio.run(bench_process, s.base, s.pid, provider_url, args)
+                    for s in servers
                 }
+                if len(servers) == 1:
+                    result = result["now"]
     print(json.dumps(result, indent=2))
 
 
