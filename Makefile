@@ -93,10 +93,9 @@ bench: setup
 # Long runs that are not part of `make test`; docs/reliability.md quotes their last figures.
 soak: setup tools
 	$(BIN)/python loadtests/ws_fuzz.py --rounds 30
-	THREADLINE_SOAK=1 THREADLINE_CANCEL_FUZZ_OPS=10000 THREADLINE_SCHEMATHESIS_REQUESTS=10000 \
+	THREADLINE_CANCEL_FUZZ_OPS=10000 THREADLINE_SCHEMATHESIS_REQUESTS=10000 \
 	  $(BIN)/pytest -q -p no:cacheprovider tests/ops/test_cancellation_fuzz.py \
-	  tests/server/test_openapi.py::test_schemathesis_against_the_real_server \
-	  tests/ops/test_database_faults.py::test_two_processes_restart_a_shared_database_once
+	  tests/server/test_openapi.py::test_schemathesis_against_the_real_server
 	$(BIN)/python loadtests/soak.py --minutes 10
 
 clean:

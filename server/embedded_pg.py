@@ -10,6 +10,13 @@ processes may share one data dir and all notice the death at once: a restart hap
 pgserver's inter-process lock and only if, once the lock is held, no postmaster runs and no
 process of the dead cluster is left (a new postmaster beside surviving old backends could
 corrupt the data files). Whoever comes second finds it running and does nothing.
+
+A process may also miss the death altogether: a restart takes as little as 0.1 s, less than a
+starved process's gap between two looks. Each look therefore compares the running postmaster's pid
+with the one this process last saw; a new one (started by another process) counts as a death seen
+and a restart that was not ours, and pgserver's record of "its" postmaster is pointed at it, so
+that whichever process lets go last stops the postmaster that actually runs (pgserver would
+otherwise check the dead one, find it gone once it has been reaped, and leave PostgreSQL running).
 """
 
 from __future__ import annotations
@@ -62,15 +69,16 @@ class EmbeddedPostgres:
         self.dsn: str = server.get_uri()
         self._socket_dir = str(info.socket_dir)
         self.state = "running"
+        self.postmaster_pid: int | None = self._read_postmaster_pid()  # the one last seen running
         self.restarts = 0  # restarts this process performed
-        self.deaths_seen = 0  # times this process found the postmaster dead
+        self.deaths_seen = 0  # postmasters this process saw die or replaced by another process
         self.last_error: str | None = None
         self.restarted_at: float | None = None  # trio.current_time() of the last restart
         self._changed = trio.Event()
 
     # -- looking -----------------------------------------------------------------------
 
-    def _postmaster_pid(self) -> int | None:
+    def _read_postmaster_pid(self) -> int | None:
         try:
             first = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
             return int(first)
@@ -79,7 +87,7 @@ class EmbeddedPostgres:
 
     def is_running(self) -> bool:
         """The postmaster named in ``postmaster.pid`` is alive (a zombie is dead)."""
-        pid = self._postmaster_pid()
+        pid = self._read_postmaster_pid()
         return pid is not None and _alive(pid)
 
     def _leftovers(self) -> list[int]:
@@ -144,18 +152,34 @@ class EmbeddedPostgres:
                 user=user,
                 timeout=_START_TIMEOUT_S + 5,
             )
-            # pgserver stops "its" postmaster on exit: point it at the one now running.
-            self._server._postmaster_info = pgserver.utils.PostmasterInfo.read_from_pgdata(
-                self.pgdata
-            )
+            self.adopt_running_postmaster()
             return True
+
+    def adopt_running_postmaster(self) -> int | None:
+        """Point pgserver's record of "its" postmaster at the one running now; its pid, or None.
+
+        pgserver stops that postmaster when the last process lets go of the data dir, and it
+        checks the process it recorded at start: after a restart (by any process) that one is
+        dead. None while no postmaster runs or its ``postmaster.pid`` is still being written.
+        """
+        try:
+            info = _pgserver().utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+        except (OSError, ValueError, LookupError, AssertionError):  # a file not yet whole
+            return None
+        if info is None or not _alive(info.pid):
+            return None
+        self._server._postmaster_info = info
+        return int(info.pid)
 
     async def supervise(self, interval_s: float = SUPERVISE_INTERVAL_S) -> None:
         """Watch the postmaster until cancelled; start it again when it has died."""
         while True:
             await trio.sleep(interval_s)
-            if self.is_running():
-                if self.state != "running":
+            pid = self._read_postmaster_pid()
+            if pid is not None and _alive(pid):
+                if pid != self.postmaster_pid:
+                    self._replaced(pid)
+                elif self.state != "running":
                     self._set("running")
                 continue
             if self.state == "running":
@@ -175,12 +199,24 @@ class EmbeddedPostgres:
                 log.warning("db.embedded.restart_failed", error=type(exc).__name__)
                 continue
             self.last_error = None
+            self.postmaster_pid = self.adopt_running_postmaster()
             if started:
                 self.restarts += 1
                 self.restarted_at = trio.current_time()
                 metrics.DB_EMBEDDED_RESTARTS.inc()
                 log.warning("db.embedded.restarted", pgdata=str(self.pgdata))
             self._set("running")
+
+    def _replaced(self, pid: int) -> None:
+        """A postmaster this process did not start runs now: another process restarted it."""
+        if self.adopt_running_postmaster() != pid:
+            return  # its postmaster.pid is still being written: look again next time
+        if self.state == "running" and self.postmaster_pid is not None:
+            self.deaths_seen += 1  # the death happened between two looks
+        self.postmaster_pid = pid
+        self.last_error = None
+        log.warning("db.embedded.replaced", pgdata=str(self.pgdata), postmaster_pid=pid)
+        self._set("running")
 
     def _set(self, state: str, error: str | None = None) -> None:
         self.state = state
@@ -227,12 +263,15 @@ def open_embedded(data_dir: Path) -> Iterator[EmbeddedPostgres]:
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     log.info("db.embedded.starting", pgdata=str(pgdata))
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    handle: EmbeddedPostgres | None = None
     try:
         handle = EmbeddedPostgres(server, pgdata)
         log.info("db.embedded.ready", pgdata=str(pgdata))
         yield handle
     finally:
         _forget_dead_users(server)
+        if handle is not None:  # pgserver stops the postmaster it recorded: the one running now
+            handle.adopt_running_postmaster()
         server.cleanup()
         log.info("db.embedded.released", pgdata=str(pgdata))
 

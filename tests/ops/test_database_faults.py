@@ -5,10 +5,7 @@ message each, seqs stay gap-free, and readiness follows the outage both ways in 
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -277,76 +274,3 @@ def _still_there(dsn: str, pids: list[int]) -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
         ).fetchone()
     return bool(row and row[0])
-
-
-_WATCHER = """
-import sys, trio
-from pathlib import Path
-from server.embedded_pg import open_embedded
-
-async def main(handle):
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle.supervise, 0.05)
-        print("watching", flush=True)
-        with trio.fail_after(60):  # else the test would read our output forever
-            await handle.wait_until(lambda: handle.deaths_seen > 0 and handle.state == "running")
-        print(f"running restarts={handle.restarts}", flush=True)
-        sys.stdin.read()  # hold the handle until the test is done
-        nursery.cancel_scope.cancel()
-
-with open_embedded(Path(sys.argv[1])) as handle:
-    trio.run(main, handle)
-"""
-
-
-@pytest.mark.skipif(
-    os.environ.get("THREADLINE_SOAK") != "1",
-    reason="runs in make soak: it timed out in 3 of ~8 runs on the shared machine (under study)",
-)
-def test_two_processes_restart_a_shared_database_once(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    """Two servers on one data dir both see the postmaster die: exactly one starts it again."""
-
-    data_dir = tmp_path_factory.mktemp("shared-pg")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    watchers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WATCHER, str(data_dir)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for _ in range(2)
-    ]
-    try:
-        for proc in watchers:
-            _line(proc, "watching")
-        pgdata = data_dir.resolve() / "pgdata"
-        log = pgdata / "log"
-        ready_before = log.read_text().count("ready to accept connections")
-        psutil.Process(pgcontrol_pid(pgdata)).send_signal(signal.SIGKILL)  # the postmaster only
-        lines = [_line(proc, "running") for proc in watchers]  # each once it runs again
-        restarts = sorted(int(line.rsplit("=", 1)[1]) for line in lines)
-        assert restarts == [0, 1], lines
-        assert log.read_text().count("ready to accept connections") == ready_before + 1
-        record("embedded db shared by 2 processes, postmaster SIGKILLed", restarts=restarts)
-    finally:
-        for proc in watchers:
-            assert proc.stdin is not None
-            proc.stdin.close()
-        for proc in watchers:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _line(proc: subprocess.Popen[str], prefix: str) -> str:
-    """The next line of ``proc``'s output that starts with ``prefix`` (logs are skipped)."""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith(prefix):
-            return line.strip()
-    raise AssertionError(f"the watcher ended before printing {prefix!r}")
