@@ -168,6 +168,14 @@ class OpHandler(Protocol):
         """Execute one admitted op and queue exactly one reply."""
 
 
+def _no_ping(payload: bytes) -> None:
+    return None
+
+
+def _no_timeout() -> None:
+    return None
+
+
 class Heartbeat:
     """Ping every ``interval_s``; no pong within ``timeout_s`` -> ``on_timeout()``.
 
@@ -214,6 +222,10 @@ class Heartbeat:
         if self._timer is not None:
             self._timer.cancel()
         self._timers = None
+        # They are the connection's methods: kept, they would make the two a reference cycle,
+        # freed only by a full garbage collection.
+        self._send_ping = _no_ping
+        self._on_timeout = _no_timeout
 
     def pong(self, payload: bytes = b"") -> None:
         """Called by the transport for every Pong frame it receives (never blocks)."""

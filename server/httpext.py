@@ -1,4 +1,4 @@
-"""Two small, explicit fixes to hypercorn's trio TCP server (checked against hypercorn 0.18).
+"""Three small, explicit fixes to hypercorn's trio TCP server (checked against hypercorn 0.18).
 
 Hypercorn closes an HTTP connection with no request in flight after ``keep_alive_timeout``
 through an idle timer (``TCPServer._idle_timeout``) that runs in the connection's task group,
@@ -22,7 +22,14 @@ started from connection open and restarted after each response. Two defects:
    Fix: ``protocol_send`` handles ``Updated`` and ``Closed`` shielded from cancellation (they
    take a lock, start a task, shut a socket: nothing that can block for long).
 
-``install()`` wraps ``TCPServer._read_data`` and ``TCPServer.protocol_send`` once per process.
+3. **Every closed connection a reference cycle.** ``TCPServer.protocol`` sends through the
+   server's bound ``protocol_send``, so a finished connection's server, protocol, task group and
+   socket objects wait for a full garbage collection (at 10,000 open WebSockets, a stall of a
+   second or more) instead of being freed at once. Fix: at the end of ``run`` (its last
+   ``_close``, once the connection's task group has exited) the server lets go of its protocol.
+
+``install()`` wraps ``TCPServer._read_data``, ``TCPServer.protocol_send`` and
+``TCPServer._close`` once per process.
 With no ``read_timeout`` (our configuration) the read loop is hypercorn's without its
 ``fail_after(inf)``: a cancel scope held open by every idle connection (a WebSocket lives in this
 loop for hours) for nothing; memory per connection is what bounds how many a process holds.
@@ -58,6 +65,7 @@ def install() -> None:
         )
     original_read_data = tcp_server.TCPServer._read_data
     original_protocol_send = tcp_server.TCPServer.protocol_send
+    original_close = tcp_server.TCPServer._close
 
     @functools.wraps(original_read_data)
     async def _read_data(self: Any) -> None:
@@ -86,6 +94,17 @@ def install() -> None:
         else:
             await original_protocol_send(self, event)
 
+    @functools.wraps(original_close)
+    async def _close(self: Any) -> None:
+        await original_close(self)
+        task_group = getattr(self, "_task_group", None)
+        if task_group is not None and task_group._nursery is None:
+            # The last call, from the end of ``run``: the connection's tasks are all done.
+            # ``protocol`` sends through this server's bound ``protocol_send``: kept, the
+            # pair is a reference cycle that only a full garbage collection frees.
+            self.__dict__.pop("protocol", None)
+
     tcp_server.TCPServer._read_data = _read_data  # type: ignore[method-assign]
     tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+    tcp_server.TCPServer._close = _close  # type: ignore[method-assign]
     _installed = True

@@ -247,6 +247,8 @@ async def serve_websocket(
         for thread_id in conn.subscriptions:
             realtime.hub.forget(thread_id, conn)
         conn.subscriptions.clear()
+        if control is not None:
+            control.detach()
 
 
 async def _handshake(

@@ -82,6 +82,18 @@ _tcp_server: contextvars.ContextVar[Any] = contextvars.ContextVar("threadline_tc
 _installed = False
 
 
+def _ignore_pong(payload: bytes) -> None:
+    return None
+
+
+def _ignore_ping() -> None:
+    return None
+
+
+def _ignore_close(code: int) -> None:
+    return None
+
+
 class WSControl:
     """What the app may do to its WebSocket beyond ASGI (see the module docstring)."""
 
@@ -108,6 +120,23 @@ class WSControl:
                 self._gate = tcp.send_lock
                 self._sock = raw
         self.direct = self._sock is not None
+
+    def detach(self) -> None:
+        """The app is done with this WebSocket: drop what ties it to the connection's objects.
+
+        The stream, its scope and wsproto's connection point back at this control (and its
+        callbacks at the app's connection): left in place they make one reference cycle of every
+        closed connection, which only a full garbage collection frees. Idempotent.
+        """
+        self.on_pong = _ignore_pong
+        self.on_ping = _ignore_ping
+        self.on_server_close = _ignore_close
+        stream = self._stream
+        if getattr(stream, "_threadline", None) is self:
+            stream._threadline = None
+        extensions = getattr(stream, "scope", {}).get("extensions") or {}
+        if extensions.get(EXTENSION_KEY) is self:
+            del extensions[EXTENSION_KEY]
 
     # -- direct writes (see the module docstring) ----------------------------------------------
 
@@ -206,11 +235,23 @@ class WSControl:
 def _observe(connection: Any, control: WSControl) -> None:
     """Wrap a wsproto connection's ``events`` (pongs and pings reported; protocol violations
     answered)."""
-    events = connection.events
+    # Weak references only: the wrapper is stored on the wsproto connection, and strong ones
+    # (to it, or to the control, which leads back to it) would make every closed connection a
+    # reference cycle.
+    events = type(connection).events
+    connection_ref = weakref.ref(connection)
+    control_ref = weakref.ref(control)
     open_state = ConnectionState.OPEN
 
     def observed_events() -> Generator[Event, None, None]:
-        for event in events():
+        connection = connection_ref()
+        if connection is None:
+            return
+        for event in events(connection):
+            control = control_ref()
+            if control is None:
+                yield event
+                continue
             if isinstance(event, Pong):
                 control._pong(bytes(event.payload))
             elif isinstance(event, Ping):

@@ -227,6 +227,31 @@ async def _thousand_cycles(server: RunningServer) -> None:
     assert hub.health()["subscribers"] == 0
 
 
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    server: RunningServer,
+) -> None:
+    """A closed WebSocket leaves no reference cycle among the server's objects for it (ours,
+    hypercorn's, wsproto's): reference counting frees them as it ends. With 10,000 connections
+    open a full collection stalls the process for a second or more; closed connections must not
+    be what makes one necessary, nor wait for one to give their memory back."""
+    owner = await new_owner(server.services)
+    thread_id = await new_thread(server.services, owner)
+    gc.collect()
+    gc.disable()  # so that only reference counting can free anything below
+    try:
+        async with connect(server, owner.token) as client:
+            assert (await client.request("subscribe", thread_id=thread_id))["ok"]
+            (conn,) = realtime(server).connections
+            control = conn.transport.control
+            assert control is not None and control._tcp is not None
+            refs = [weakref.ref(o) for o in (conn, control, control._tcp, control._stream)]
+            del conn, control
+        await until(lambda: not realtime(server).connections)
+        await until(lambda: all(ref() is None for ref in refs), timeout=10)
+    finally:
+        gc.enable()
+
+
 async def test_permessage_deflate_is_declined(server: RunningServer) -> None:
     owner = await new_owner(server.services)
     host, port = server.url.removeprefix("http://").split(":")
