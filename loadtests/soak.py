@@ -15,6 +15,7 @@ Pass criteria (exit status 1 otherwise), after the warm-up:
 
     python loadtests/soak.py --minutes 10            # make soak
     python loadtests/soak.py --minutes 1 --warmup-s 15   # a quick look
+    python loadtests/soak.py --heap-profile DIR      # the server under heapwatch.py: what grows
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import signal
 import statistics
@@ -292,6 +294,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("loadtests/out/soak.json"))
+    parser.add_argument(
+        "--heap-profile",
+        type=Path,
+        help="run the server under loadtests/heapwatch.py, its samples in this directory",
+    )
     args = parser.parse_args()
     harness.raise_nofile_limit()
     env = harness.bench_env(THREADLINE_THREAD_IDLE_TIMEOUT_S="10", THREADLINE_LLM_MODEL="fake-gpt")
@@ -315,11 +322,18 @@ def main() -> int:
             "THREADLINE_LLM_BASE_URL": llm_url,
         }
         serve = ["-m", "server.cli", "serve", "--port", str(harness.free_port())]
+        if args.heap_profile:
+            every = str(max(args.sample_s, 30.0))
+            serve = ["loadtests/heapwatch.py", "--out", str(args.heap_profile), "--every", every,
+                     "--baseline-s", str(args.warmup_s), "--", *serve[2:]]  # fmt: skip
         with process(serve, server_env, "threadline: serving on", Path(f"{logs}.server.log")) as (
             pid,
             base,
         ):
             figures = trio.run(soak, base, pid, args)
+            if args.heap_profile:  # one more sample, after malloc_trim: what the allocator kept
+                os.kill(pid, signal.SIGUSR2)
+                time.sleep(max(args.sample_s, 30.0) + 5)
     figures["minutes"] = args.minutes
     figures["clients"] = args.clients
     args.out.write_text(json.dumps(figures, indent=2))
