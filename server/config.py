@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     # An HTTP connection with no request in flight (idle keep-alive, or request headers still
     # incomplete: slowloris) is closed after this long.
     http_keep_alive_timeout_s: float = Field(default=30.0, gt=0)
+    # Python's cyclic garbage collector, first threshold (CPython's default: 700). A full
+    # collection traverses every live object (about 170 per open WebSocket): at 10,000
+    # connections that is a stall of a second or more; a higher threshold makes them rare
+    # while connections are being opened (docs/performance.md).
+    gc_threshold: int = Field(default=10_000, ge=100)
 
     # Several nodes on one PostgreSQL (docs/operations.md, "Scaling out").
     node_id: str = Field(default_factory=default_node_id)

@@ -8,6 +8,7 @@ in-flight replies are saved), and everything left is cancelled when the grace pe
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -183,11 +184,20 @@ async def _serve_http(
     )
 
 
+def tune_collector(settings: Settings) -> None:
+    """Set the cyclic garbage collector's first threshold for this process (``serve`` only:
+    a process-wide choice, not one for whoever embeds the server)."""
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(settings.gc_threshold, middle, oldest)
+
+
 async def serve_until_signalled(
     settings: Settings, dsn: str, embedded: EmbeddedPostgres | None = None
 ) -> None:
     """``threadline serve``: run until SIGTERM or SIGINT, then shut down gracefully."""
     import trio_asyncio
+
+    tune_collector(settings)
 
     async with trio_asyncio.open_loop():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

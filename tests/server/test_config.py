@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def test_defaults_need_nothing() -> None:
     assert settings.heartbeat_interval_s == 20
     assert settings.heartbeat_timeout_s == 10
     assert settings.ws_outbound_queue == 256
+    assert settings.gc_threshold == 10_000
     assert settings.origins == ["http://127.0.0.1:8000", "http://localhost:8000"]
 
 
@@ -77,3 +79,22 @@ def test_cli_reports_bad_configuration_without_secrets(
     err = capsys.readouterr().err
     assert "THREADLINE_DATABASE_URL" in err
     assert "s3cret-value" not in err
+
+
+def test_serve_sets_the_collectors_first_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.runtime import tune_collector
+
+    monkeypatch.setenv("THREADLINE_GC_THRESHOLD", "12345")
+    before = gc.get_threshold()
+    try:
+        tune_collector(load_settings())
+        assert gc.get_threshold() == (12345, *before[1:])
+        tune_collector(load_settings(gc_threshold=before[0]))
+        assert gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)
+    assert load_settings(gc_threshold=10_000).gc_threshold == 10_000
+    monkeypatch.setenv("THREADLINE_GC_THRESHOLD", "0")  # would turn the collector off
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert any(p.startswith("THREADLINE_GC_THRESHOLD:") for p in caught.value.problems)
