@@ -4,7 +4,9 @@ Runs ``threadline serve``'s server (``server.runtime.open_server``, embedded Pos
 ``THREADLINE_TEST_DATABASE_URL`` is set) in this process with ``tracemalloc`` on, opens ``--n``
 subscribed connections from client processes of their own (``loadtests/ws_clients.py``), and
 prints, per connection: RSS growth, Python heap growth (tracemalloc) by package and by line,
-trio tasks by coroutine, and live objects by type (``gc``). A warm-up round of connections is
+trio tasks by coroutine, and live objects by type (``gc``); then, having closed them with the
+cyclic garbage collector off, what they left in reference cycles (``gc.DEBUG_SAVEALL``: should
+be nothing, so that a closed connection is freed as it ends). A warm-up round of connections is
 opened and closed first, so one-off caches and imports are not counted.
 
 tracemalloc makes allocation slower and adds its own memory to RSS: the RSS figure here is for
@@ -201,8 +203,35 @@ async def measure(args: argparse.Namespace, dsn: str) -> None:
         for chain in chains:
             print("\n  " + "\n    -> ".join(chain))
         tracemalloc.stop()
-        await trio.to_thread.run_sync(close_clients, clients)
+        # What closing leaves to the cyclic collector: with it off, only reference counting
+        # frees the closed connections; what a collection then finds was in reference cycles.
+        gc.collect()
+        gc.disable()
+        try:
+            await trio.to_thread.run_sync(close_clients, clients)
+            with trio.fail_after(60):
+                while services.extras["realtime"].connections or task_names()["_handle"]:
+                    await trio.sleep(0.1)
+            garbage_report(args.n, args.top)
+        finally:
+            gc.enable()
         running.shutdown()
+
+
+def garbage_report(n: int, top: int) -> None:
+    """Print the objects the cyclic collector finds (``gc.DEBUG_SAVEALL``), per connection."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        found = gc.collect()
+        kinds = collections.Counter(
+            f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    print(f"\nafter closing: {found / n:.1f} objects per connection left in reference cycles")
+    for name, count in kinds.most_common(top):
+        print(f"  {count / n:6.2f}  {name}")
 
 
 def _pid() -> int:
