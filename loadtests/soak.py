@@ -93,6 +93,28 @@ async def sampler(base: str, pid: int, samples: Samples, started: float, every: 
             await trio.sleep(every)
 
 
+def _pong_only_while_open() -> None:
+    """Make trio-websocket answer pings only while the connection is open.
+
+    It answers a ping that arrives after our close frame has gone, and that send fails
+    (wsproto's LocalProtocolError in the connection's reader task) in a way that escapes the
+    client's ``except Exception`` and ends every client (python-trio/trio-websocket#184; the
+    fix proposed in #198 is this one). The server pings; a churned connection closing just as
+    a ping arrives ended the soak's load (seen after a multi-second stall of the server).
+    """
+    from trio_websocket._impl import WebSocketConnection
+    from wsproto.connection import ConnectionState
+    from wsproto.events import Ping
+
+    answer = WebSocketConnection._handle_ping_event
+
+    async def handle_ping(self: WebSocketConnection, event: Ping) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            await answer(self, event)
+
+    WebSocketConnection._handle_ping_event = handle_ping  # type: ignore[method-assign]
+
+
 async def client(
     base: str, token: str, thread_id: str, samples: Samples, started: float, deadline: float
 ) -> None:
@@ -300,6 +322,7 @@ def main() -> int:
         help="run the server under loadtests/heapwatch.py, its samples in this directory",
     )
     args = parser.parse_args()
+    _pong_only_while_open()
     harness.raise_nofile_limit()
     env = harness.bench_env(THREADLINE_THREAD_IDLE_TIMEOUT_S="10", THREADLINE_LLM_MODEL="fake-gpt")
     args.out.parent.mkdir(parents=True, exist_ok=True)
