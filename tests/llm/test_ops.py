@@ -26,7 +26,7 @@ async def test_open_circuit_shows_in_readyz_and_refuses_replies(
     with capture_logs() as logs:
         async with (
             open_server(settings, pg_dsn, bind="127.0.0.1:0") as running,
-            httpx.AsyncClient(base_url=running.url) as http,
+            httpx.AsyncClient(base_url=running.url, timeout=30) as http,
         ):
             ready = await http.get("/readyz")
             assert ready.status_code == 200

@@ -272,7 +272,7 @@ async def test_offline_model_is_the_default(tmp_path: Path, pg_dsn: str, aio_loo
         tap = EventTap(running)
         seeded = await seed_thread(running.services.db, ["Are you a real model?"])
         closing = await _start_and_wait(running, tap, seeded)
-        async with httpx.AsyncClient(base_url=running.url) as http:
+        async with httpx.AsyncClient(base_url=running.url, timeout=30) as http:
             ready = (await http.get("/readyz")).json()
         stored = await _message(running, closing.data["message_id"])
     assert ready["checks"]["llm"]["provider"] == "offline"

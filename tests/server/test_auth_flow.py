@@ -104,7 +104,7 @@ async def test_secure_cookies_in_production(tmp_path: Path, pg_dsn: str, aio_loo
     settings = make_settings(tmp_path, env="production")
     async with (
         open_server(settings, pg_dsn, bind="127.0.0.1:0") as running,
-        httpx.AsyncClient(base_url=running.url) as http,
+        httpx.AsyncClient(base_url=running.url, timeout=30) as http,
     ):
         email = _email()
         await _register(http, email)
@@ -184,13 +184,13 @@ async def test_password_hash_is_upgraded_when_parameters_change(
     weak = make_settings(tmp_path / "a")
     async with (
         open_server(weak, pg_dsn, bind="127.0.0.1:0") as running,
-        httpx.AsyncClient(base_url=running.url) as http,
+        httpx.AsyncClient(base_url=running.url, timeout=30) as http,
     ):
         await _register(http, email)
     stronger = make_settings(tmp_path / "b", argon2_time_cost=2)
     async with (
         open_server(stronger, pg_dsn, bind="127.0.0.1:0") as running,
-        httpx.AsyncClient(base_url=running.url) as http,
+        httpx.AsyncClient(base_url=running.url, timeout=30) as http,
     ):
         assert (await _login(http, email)).status_code == 200
         row = await running.services.db.fetchrow(
@@ -237,7 +237,7 @@ async def single_user_server(
 async def test_single_user_refuses_a_second_registration(
     single_user_server: RunningServer, scratch_dsn: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=single_user_server.url) as http:
+    async with httpx.AsyncClient(base_url=single_user_server.url, timeout=30) as http:
         await _register(http, _email())
         second = await http.post(
             "/api/v1/auth/register", json={"email": _email(), "password": PASSWORD}

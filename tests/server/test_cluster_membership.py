@@ -20,7 +20,7 @@ from tests.conftest import make_settings
 
 
 async def _readyz(url: str) -> dict[str, object]:
-    async with httpx.AsyncClient(base_url=url) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
         response = await http.get("/readyz")
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]

@@ -67,7 +67,10 @@ def refused_for(response: httpx.Response) -> float:
 async def test_guessing_from_many_addresses_is_delayed_and_the_owner_still_gets_in(
     tmp_path: Path, pg_dsn: str, aio_loop: None
 ) -> None:
-    async with node(tmp_path, pg_dsn) as server, httpx.AsyncClient(base_url=server.url) as http:
+    async with (
+        node(tmp_path, pg_dsn) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+    ):
         email = await new_account(server)
         # Three guesses, each from another address (the per-IP limiter sees three clients).
         for i in range(3):
@@ -98,7 +101,7 @@ async def test_the_delay_doubles_and_is_capped(tmp_path: Path, pg_dsn: str, aio_
         node(
             tmp_path, pg_dsn, login_free_attempts=1, login_delay_base_s=0.2, login_delay_max_s=0.5
         ) as server,
-        httpx.AsyncClient(base_url=server.url) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
     ):
         email = await new_account(server)
         db = server.services.db
@@ -122,7 +125,10 @@ async def test_unknown_accounts_are_throttled_alike(
     tmp_path: Path, pg_dsn: str, aio_loop: None
 ) -> None:
     # Otherwise a 429 would tell which addresses have an account.
-    async with node(tmp_path, pg_dsn) as server, httpx.AsyncClient(base_url=server.url) as http:
+    async with (
+        node(tmp_path, pg_dsn) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
+    ):
         nobody = f"nobody-{uuid.uuid4().hex[:10]}@example.com"
         for i in range(3):
             assert (await attempt(http, nobody, "guess", i)).status_code == 401
@@ -136,8 +142,8 @@ async def test_the_throttle_holds_across_nodes_and_concurrent_guesses(
     async with (
         node(tmp_path / "a", pg_dsn, **slow) as first,
         node(tmp_path / "b", pg_dsn, **slow) as second,
-        httpx.AsyncClient(base_url=first.url) as to_first,
-        httpx.AsyncClient(base_url=second.url) as to_second,
+        httpx.AsyncClient(base_url=first.url, timeout=30) as to_first,
+        httpx.AsyncClient(base_url=second.url, timeout=30) as to_second,
     ):
         email = await new_account(first)
         statuses: list[int] = []
@@ -173,8 +179,8 @@ async def test_a_known_device_is_not_locked_out_by_strangers(
     slow = {"login_delay_base_s": 30.0, "login_delay_max_s": 60.0}
     async with (
         node(tmp_path, pg_dsn, **slow) as server,
-        httpx.AsyncClient(base_url=server.url) as owner,
-        httpx.AsyncClient(base_url=server.url) as stranger,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as owner,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as stranger,
     ):
         email = await new_account(server)
         # The owner logs in once: this browser becomes a known device of the account.
@@ -194,7 +200,7 @@ async def test_a_known_device_is_not_locked_out_by_strangers(
         assert (await attempt(owner, email, PASSWORD, 1)).status_code == 200
         # A device token of another account, or a forged one, is no way around the delay.
         other = await new_account(server)
-        other_device = httpx.AsyncClient(base_url=server.url)
+        other_device = httpx.AsyncClient(base_url=server.url, timeout=30)
         async with other_device:
             assert (await attempt(other_device, other, PASSWORD, 30)).status_code == 200
             refused_for(await attempt(other_device, email, PASSWORD, 31))

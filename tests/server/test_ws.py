@@ -102,7 +102,7 @@ async def test_rest_message_reaches_ws_subscribers(server: RunningServer) -> Non
     thread_id = await new_thread(services, owner)
     async with connect(server, owner.token) as client:
         assert (await client.request("subscribe", thread_id=thread_id))["ok"]
-        async with httpx.AsyncClient(base_url=server.url) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             response = await http.post(
                 f"/api/v1/threads/{thread_id}/messages",
                 json={"content": "via rest", "client_msg_id": "r1", "reply": False},
@@ -235,7 +235,7 @@ async def test_readyz_reports_the_actor_system(server: RunningServer) -> None:
     thread_id = await new_thread(services, owner)
     async with connect(server, owner.token) as client:
         assert (await client.request("subscribe", thread_id=thread_id))["ok"]
-        async with httpx.AsyncClient(base_url=server.url) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             actors = (await http.get("/readyz")).json()["checks"]["actors"]
     assert actors["ok"] is True
     assert actors["supervised"]["hub"] == {"running": True, "restarts": 0}

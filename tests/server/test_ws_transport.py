@@ -147,7 +147,7 @@ async def test_handshakes_are_rate_limited_per_ip_with_retry_after(
             "Sec-WebSocket-Version": "13",
             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
         }
-        async with httpx.AsyncClient(base_url=server.url) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
             answers = [await http.get("/ws", headers=upgrade) for _ in range(5)]
         assert [a.status_code for a in answers] == [401, 401, 401, 429, 429]
         refused = answers[-1]
@@ -334,7 +334,7 @@ async def test_logout_closes_the_sockets_opened_with_that_token(server: RunningS
     owner = await new_owner(server.services)
     async with (
         connect(server, owner.token) as client,
-        httpx.AsyncClient(base_url=server.url) as http,
+        httpx.AsyncClient(base_url=server.url, timeout=30) as http,
     ):
         assert (await client.request("ping"))["ok"]
         response = await http.post(
