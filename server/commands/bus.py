@@ -6,7 +6,8 @@ in it, and only once the transaction has committed publishes the handler's durab
 If the handler raises, the transaction rolls back and nothing is published.
 
 A command whose whole unit of work is one statement (``ONE_STATEMENT``: a send is
-``tl_send_message``) runs it on ``db.atomic`` instead: BEGIN, the statement and COMMIT in one
+``tl_send_message``, an edit or a delete ``tl_change_message``, which sets the actor for the
+audit trail itself) runs it on ``db.atomic`` instead: BEGIN, the statement and COMMIT in one
 trip through the database bridge, with the same meaning of "commit" and "publish after commit"
 as above (and the same cancellation safety: cancelled before COMMIT, nothing is written).
 
@@ -59,7 +60,7 @@ HANDLERS: dict[type[Command], Handler] = {
 }
 
 # Commands whose handler issues exactly one statement, which is its own transaction.
-ONE_STATEMENT: frozenset[type[Command]] = frozenset({SendMessage})
+ONE_STATEMENT: frozenset[type[Command]] = frozenset({SendMessage, EditMessage, DeleteMessage})
 
 # Two identical sends racing past the idempotency check: the loser's insert hits this UNIQUE
 # constraint; running the command again finds the winner's message and returns it.

@@ -1,4 +1,8 @@
-"""Handlers of the message commands: send (idempotent), edit and delete (optimistic versions)."""
+"""Handlers of the message commands: send (idempotent), edit and delete (optimistic versions).
+
+Each is one statement (a plpgsql function: migrations 0006 and 0012) run by the bus on
+``db.atomic``: BEGIN, the statement and COMMIT in one trip through the database bridge.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from typing import Any
 import structlog
 
 from server.commands.models import DeleteMessage, EditMessage, SendMessage
-from server.commands.serialize import message_to_dict
 from server.commands.unit import CommandContext, CommandResult, require_id
 from server.errors import (
     BudgetExceeded,
@@ -19,7 +22,7 @@ from server.errors import (
     VersionConflict,
 )
 from server.services import ReplyRequest
-from server.storage import messages, threads
+from server.storage import messages
 
 log = structlog.get_logger(__name__)
 
@@ -87,46 +90,48 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
     return CommandResult(data, created=True)
 
 
-async def _lock_for_change(ctx: CommandContext, message_id: str, expected: int) -> tuple[int, str]:
-    """Lock thread then message (the order every writer uses); check the expected version."""
-    thread_id = await messages.owned_thread_of_message(ctx.tx, ctx.user_id, message_id)
-    if thread_id is None:
+async def _change(
+    ctx: CommandContext, message_id: str, expected: int, content: str | None
+) -> CommandResult:
+    """Edit (``content``) or delete (None) at version ``expected``, in one statement.
+
+    ``tl_change_message`` locks the thread then the message (the order every writer uses),
+    checks the version and writes the change and its event; the thread row is held only while
+    the database runs it (and its COMMIT, sent in the same trip).
+    """
+    row = await messages.change(
+        ctx.tx,
+        actor_id=ctx.user_id,
+        message_id=message_id,
+        expected_version=expected,
+        content=content,
+    )
+    outcome = row["outcome"]
+    if outcome == "not_found":
         raise NotFound("No such message.")
-    try:
-        seq = await threads.lock_next_seq(ctx.tx, str(thread_id))
-    except LookupError:  # the thread was deleted since the first read
-        raise NotFound("No such message.") from None
-    row = await messages.get_message(ctx.tx, ctx.user_id, message_id, for_update=True)
-    if row is None:  # deleted with its thread between the two reads
-        raise NotFound("No such message.")
-    if row["version"] != expected:
+    if outcome == "version_conflict":
         raise VersionConflict(
             "The message has changed since you read it.",
-            details={"current_version": row["version"]},
+            details={"current_version": row["current_version"]},
         )
-    if row["deleted_at"] is not None:
-        raise Conflict("The message is deleted.", details={"current_version": row["version"]})
-    if row["status"] == "streaming":
+    if outcome == "is_deleted":
+        raise Conflict(
+            "The message is deleted.", details={"current_version": row["current_version"]}
+        )
+    if outcome == "streaming":
         raise Conflict("The reply is still being written.")
-    return seq, str(thread_id)
+    data: dict[str, Any] = json.loads(row["message"])
+    type_ = "message.deleted" if outcome == "deleted" else "message.updated"
+    ctx.written(str(row["thread_id"]), type_, int(row["seq"]), data)
+    return CommandResult(data)
 
 
 async def edit_message(ctx: CommandContext, cmd: EditMessage) -> CommandResult:
     """Replace a message's content at ``expected_version``; emits ``message.updated``."""
     _check_length(ctx, cmd.content)
-    message_id = require_id(cmd.message_id)
-    seq, thread_id = await _lock_for_change(ctx, message_id, cmd.expected_version)
-    row = await messages.edit_message(ctx.tx, message_id, cmd.content, cmd.expected_version)
-    data = message_to_dict(row)
-    await ctx.emit(thread_id, "message.updated", seq, data)
-    return CommandResult(data)
+    return await _change(ctx, require_id(cmd.message_id), cmd.expected_version, cmd.content)
 
 
 async def delete_message(ctx: CommandContext, cmd: DeleteMessage) -> CommandResult:
     """Make a message a tombstone at ``expected_version``; emits ``message.deleted``."""
-    message_id = require_id(cmd.message_id)
-    seq, thread_id = await _lock_for_change(ctx, message_id, cmd.expected_version)
-    row = await messages.soft_delete_message(ctx.tx, message_id, cmd.expected_version)
-    data = message_to_dict(row)
-    await ctx.emit(thread_id, "message.deleted", seq, data)
-    return CommandResult(data)
+    return await _change(ctx, require_id(cmd.message_id), cmd.expected_version, None)

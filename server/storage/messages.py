@@ -3,12 +3,12 @@
 Inserts take the seq the caller obtained from ``threads.lock_next_seq`` and must be followed, in
 the same transaction, by the ``message.created`` event at that seq (a deferred constraint
 trigger checks it at commit). Edits and deletes bump ``version`` by exactly one; the trigger
-records who (``threadline.actor_id``), when, the old and the new content.
+records who (``threadline.actor_id``), when, the old and the new content. Sends, edits and
+deletes are each one statement (``tl_send_message``, ``tl_change_message``): the thread row is
+locked only while the database runs it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from server.db import Record, Tx
 
@@ -75,17 +75,6 @@ async def send(
     return row
 
 
-async def owned_thread_of_message(tx: Tx, owner_id: str, message_id: str) -> Any:
-    """The thread id of ``message_id`` if ``owner_id`` owns it, else None."""
-    return await tx.fetchval(
-        """SELECT m.thread_id FROM messages m
-             JOIN threads t ON t.id = m.thread_id JOIN projects p ON p.id = t.project_id
-            WHERE m.id = $1 AND p.owner_id = $2""",
-        message_id,
-        owner_id,
-    )
-
-
 async def get_message(
     tx: Tx, owner_id: str, message_id: str, *, for_update: bool = False
 ) -> Record | None:
@@ -100,32 +89,27 @@ async def get_message(
     )
 
 
-async def edit_message(tx: Tx, message_id: str, content: str, version: int) -> Record:
-    """Replace the content, taking version ``version + 1`` (the caller checked ``version``)."""
-    row = await tx.fetchrow(
-        f"""WITH m AS (UPDATE messages SET content = $2, version = $3 + 1
-                        WHERE id = $1 AND version = $3 RETURNING *)
-            SELECT {COLUMNS} FROM m""",
-        message_id,
-        content,
-        version,
-    )
-    assert row is not None
-    return row
+async def change(
+    tx: Tx, *, actor_id: str, message_id: str, expected_version: int, content: str | None
+) -> Record:
+    """Edit (``content``) or delete (``content`` None: a tombstone) a message in one statement
+    (``tl_change_message``, migration 0012), as ``actor_id``, who must own it.
 
-
-async def soft_delete_message(tx: Tx, message_id: str, version: int) -> Record:
-    """Turn the message into a tombstone: content emptied, version + 1, deleted_at set.
-
-    The old content survives only in ``message_edits`` (the history), for the owner to see.
+    The function locks the thread row then the message row (the order every writer uses),
+    checks ``expected_version``, takes version + 1 and the thread's next seq for the
+    ``message.updated`` / ``message.deleted`` event; the audit trail is written by the table's
+    trigger with ``actor_id`` as the editor. Columns: ``outcome`` (``edited``, ``deleted``,
+    ``not_found``, ``version_conflict``, ``is_deleted``, ``streaming``), ``thread_id``, ``seq``,
+    ``current_version``, ``message`` (JSON text, ``message_to_dict``'s and the event's payload).
+    Only ``edited`` and ``deleted`` wrote anything. A tombstone's old content survives only in
+    ``message_edits`` (the history), for the owner to see.
     """
     row = await tx.fetchrow(
-        f"""WITH m AS (UPDATE messages SET content = '', version = $2 + 1,
-                               deleted_at = clock_timestamp()
-                        WHERE id = $1 AND version = $2 RETURNING *)
-            SELECT {COLUMNS} FROM m""",
+        "SELECT * FROM tl_change_message($1, $2, $3, $4)",
+        actor_id,
         message_id,
-        version,
+        expected_version,
+        content,
     )
     assert row is not None
     return row
