@@ -14,7 +14,8 @@ A reply, for one ``ReplyRequest``:
 2. **Stream**: ``assistant.started {message_id}``, then ``assistant.delta {message_id, index,
    text}`` frames coalesced by ``DeltaCoalescer``; the text so far is saved every
    ``_SAVE_INTERVAL_S`` with unversioned updates.
-3. **Finish** (one transaction): final content and status, the closing durable event
+3. **Finish** (one statement, ``tl_finish_reply``, with its COMMIT in one trip): final content
+   and status, the closing durable event
    (``assistant.completed {message_id, content, status, usage}`` with ``"cancelled": true`` for a
    cancel; ``assistant.failed {message_id, content, status, reason, message}`` for a provider
    failure or a shutdown), the usage row (the provider's figures, else a cl100k count marked
@@ -317,26 +318,38 @@ class AssistantService:
         many were ended.
         """
         older_than = self.settings.llm_total_timeout_s + _STALE_MARGIN_S
-        async with self.services.db.transaction() as tx:
-            rows = await store.stale_streaming(
-                tx,
-                node_timeout_s=self.settings.node_timeout_s,
-                unclaimed_older_than_s=older_than,
-            )
+        db = self.services.db
+        rows = await store.stale_streaming(
+            db.oneshot,
+            node_timeout_s=self.settings.node_timeout_s,
+            unclaimed_older_than_s=older_than,
+        )
         ended = 0
         for row in rows:
             thread_id, message_id = str(row["thread_id"]), str(row["id"])
             if thread_id in self._active:
                 continue
-            async with self.services.db.transaction() as tx:
-                found = await store.interrupt_stale(tx, thread_id, message_id)
-                if found is None:
-                    continue
-                seq, message = found
-                data = self._failed_payload(
-                    message_id, message["content"], "interrupted", "interrupted"
+            # The text saved so far is kept and becomes the event's content (filled in by the
+            # database). A reply that ended since (its node came back just now) is left alone.
+            data = self._failed_payload(message_id, "", "interrupted", "interrupted")
+            try:
+                found = await store.finish_reply(
+                    db.atomic,
+                    thread_id=thread_id,
+                    project_id=str(row["project_id"]),
+                    message_id=message_id,
+                    status="interrupted",
+                    content=None,
+                    model=None,
+                    event_type="assistant.failed",
+                    payload=data,
+                    usage=None,
                 )
-                await store.append_event(tx, thread_id, seq, "assistant.failed", data)
+            except LookupError:  # the thread was deleted since
+                continue
+            if found is None:
+                continue
+            seq, data["content"] = found
             self._publish(thread_id, "assistant.failed", seq, data)
             ended += 1
         if ended:
@@ -616,8 +629,7 @@ class AssistantService:
             # Shielded (briefly) so the reply's end never cuts a save short, which would cost
             # the pool a connection.
             with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
-                async with self.services.db.transaction() as tx:
-                    await store.save_progress(tx, message_id, "".join(parts))
+                await store.save_progress(self.services.db.atomic, message_id, "".join(parts))
 
     async def _finish(
         self,
@@ -665,32 +677,29 @@ class AssistantService:
             type_ = "assistant.failed"
             data = self._failed_payload(message_id, text, status, reason or "internal")
             data["usage"] = usage_data
-        async with self.services.db.transaction() as tx:
-            finished = await store.finish_reply(
-                tx,
-                thread_id=request.thread_id,
-                message_id=message_id,
-                status=status,
-                content=text,
-                model=model,
-            )
-            if usage is not None:  # spent either way: counted even if the claim was lost
-                await store.insert_usage(
-                    tx,
-                    message_id=message_id,
-                    thread_id=request.thread_id,
-                    project_id=request.project_id,
-                    model=model,
-                    prompt_tokens=usage.prompt_tokens,
-                    completion_tokens=usage.completion_tokens,
-                    cost_usd=cost,
-                    estimated=usage.estimated,
-                )
-            if finished is not None:
-                seq = finished[0]
-                await store.append_event(tx, request.thread_id, seq, type_, data)
+        # One statement and its COMMIT, in one trip: the thread row is held only while the
+        # database runs them, never while this event loop is busy elsewhere.
+        finished = await store.finish_reply(
+            self.services.db.atomic,
+            thread_id=request.thread_id,
+            project_id=request.project_id,
+            message_id=message_id,
+            status=status,
+            content=text,
+            model=model,
+            event_type=type_,
+            payload=data,
+            usage=None
+            if usage is None  # spent either way: counted even if the claim was lost
+            else store.UsageRow(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cost_usd=cost,
+                estimated=usage.estimated,
+            ),
+        )
         if finished is not None:
-            self._publish(request.thread_id, type_, seq, data)
+            self._publish(request.thread_id, type_, finished[0], data)
         else:
             # Another node took this one for dead (its heartbeat stalled) and ended the reply
             # as interrupted: that closing event stands, no second one is written.

@@ -4,17 +4,18 @@ Lock order, the same as every writer of a thread: the thread row (``threads.lock
 first, then the project row (only when it has a budget), then message rows. A reply writes in
 two short transactions, one to start (message + ``message.created`` + reservation) and one to
 finish (final content and status + its ``assistant.*`` event + usage row, reservation
-released); in between only unversioned progress saves touch the streaming message.
+released: ``tl_finish_reply``, one statement); in between only unversioned progress saves touch
+the streaming message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from server.db import Record, TransactionTx, Tx
-from server.storage import messages, threads
 from server.storage.usage import project_spend_this_month
 
 # How far back a prompt may look, in messages; the token budget usually stops it sooner.
@@ -137,74 +138,62 @@ async def save_progress(tx: Tx, message_id: str, content: str) -> bool:
     return status.endswith(" 1")
 
 
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """What one assistant message cost: its ``usage_records`` row (at most one per message)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    estimated: bool
+
+
 async def finish_reply(
     tx: Tx,
     *,
     thread_id: str,
+    project_id: str,
     message_id: str,
     status: str,
-    content: str,
-    model: str,
-) -> tuple[int, Record] | None:
-    """Lock the thread, set the reply's final content and status, release its reservation.
+    content: str | None,
+    model: str | None,
+    event_type: str,
+    payload: dict[str, Any],
+    usage: UsageRow | None,
+) -> tuple[int, str] | None:
+    """End a reply in one statement (``tl_finish_reply``, migration 0012): lock the thread, set
+    the final status and content (``content`` None keeps the text saved so far, and the event's
+    ``content`` becomes that text), release the reservation, write ``usage`` (model ``model``)
+    and the closing event ``event_type`` / ``payload`` at the thread's next seq.
 
-    Returns the seq its closing event must take and the updated message, or None if the reply
-    is no longer streaming: another node took this one for dead and ended it (its closing event
-    is written already). A message the user deleted meanwhile keeps its tombstone (only its
-    status changes). ``LookupError`` if the thread is gone.
+    Returns the event's seq and the message's final content, or None if the reply is no longer
+    streaming: another node took this one for dead and ended it (its closing event is written
+    already; the usage row, spent either way, is still written). A message the user deleted
+    meanwhile keeps its tombstone (only its status changes). ``LookupError`` if the thread is
+    gone (nothing written). Run on ``db.atomic``, the thread row is held only while the
+    database runs the statement and its COMMIT.
     """
-    seq = await threads.lock_next_seq(tx, thread_id)
     row = await tx.fetchrow(
-        f"""WITH released AS (DELETE FROM budget_reservations WHERE message_id = $1),
-                 m AS (
-                UPDATE messages
-                   SET status = $2, model = $4,
-                       content = CASE WHEN deleted_at IS NULL THEN $3 ELSE content END
-                 WHERE id = $1 AND status = 'streaming' RETURNING *)
-            SELECT {messages.COLUMNS} FROM m""",
+        "SELECT * FROM tl_finish_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        thread_id,
+        project_id,
         message_id,
         status,
         content,
         model,
+        event_type,
+        payload,
+        None if usage is None else usage.prompt_tokens,
+        None if usage is None else usage.completion_tokens,
+        None if usage is None else usage.cost_usd,
+        None if usage is None else usage.estimated,
     )
-    if row is None:
+    assert row is not None
+    if row["outcome"] == "not_found":
+        raise LookupError(thread_id)
+    if row["outcome"] == "claim_lost":
         return None
-    return seq, row
-
-
-async def insert_usage(
-    tx: Tx,
-    *,
-    message_id: str,
-    thread_id: str,
-    project_id: str,
-    model: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cost_usd: Decimal,
-    estimated: bool,
-) -> None:
-    """The usage row of one assistant message (at most one per message)."""
-    await tx.execute(
-        """INSERT INTO usage_records (message_id, thread_id, project_id, model, prompt_tokens,
-                                      completion_tokens, cost_usd, estimated)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-        message_id,
-        thread_id,
-        project_id,
-        model,
-        prompt_tokens,
-        completion_tokens,
-        cost_usd,
-        estimated,
-    )
-
-
-async def append_event(
-    tx: Tx, thread_id: str, seq: int, type_: str, payload: dict[str, Any]
-) -> None:
-    """A durable thread event at ``seq`` (see ``storage.threads.append_event``)."""
-    await threads.append_event(tx, thread_id, seq, type_, payload)
+    return int(row["seq"]), str(row["content"])
 
 
 # -- summaries ---------------------------------------------------------------------------------
@@ -316,7 +305,8 @@ async def stale_streaming(
     claims) is dead once older than ``unclaimed_older_than_s``.
     """
     return await tx.fetch(
-        """SELECT m.id, m.thread_id, m.claimed_by FROM messages m
+        """SELECT m.id, m.thread_id, t.project_id, m.claimed_by FROM messages m
+             JOIN threads t ON t.id = m.thread_id
             WHERE m.status = 'streaming'
               AND CASE WHEN m.claimed_by IS NULL
                        THEN m.created_at < now() - make_interval(secs => $2)
@@ -338,23 +328,3 @@ async def streaming_reply(tx: Tx, thread_id: str) -> Record | None:
         "SELECT id, claimed_by FROM messages WHERE thread_id = $1 AND status = 'streaming'",
         thread_id,
     )
-
-
-async def interrupt_stale(tx: Tx, thread_id: str, message_id: str) -> tuple[int, Record] | None:
-    """Mark one stale reply ``interrupted`` (thread locked first); None if it has ended since.
-
-    The caller re-checked nothing else: a claimed reply whose node came back to life just now is
-    ended all the same, and that node's own closing write then finds it no longer streaming
-    (``finish_reply``) and writes no second closing event.
-    """
-    seq = await threads.lock_next_seq(tx, thread_id)
-    row = await tx.fetchrow(
-        f"""WITH m AS (UPDATE messages SET status = 'interrupted'
-                        WHERE id = $1 AND status = 'streaming' RETURNING *)
-            SELECT {messages.COLUMNS} FROM m""",
-        message_id,
-    )
-    if row is None:
-        return None
-    await tx.execute("DELETE FROM budget_reservations WHERE message_id = $1", message_id)
-    return seq, row

@@ -323,6 +323,13 @@ async def test_replies_left_streaming_by_a_dead_process_are_interrupted(
     assert stored["status"] == "interrupted" and stored["content"] == "half an ans"
     failed = tap.of(seeded.thread_id, "assistant.failed")
     assert [e.data["reason"] for e in failed] == ["interrupted"] and failed[0].seq == seq + 1
+    assert failed[0].data["content"] == "half an ans"  # the text saved, in the event too
+    logged = await db.fetchval(
+        "SELECT payload FROM thread_events WHERE thread_id = $1 AND seq = $2",
+        seeded.thread_id,
+        seq + 1,
+    )
+    assert logged == failed[0].data
     held = await db.fetchval(
         "SELECT count(*) FROM budget_reservations WHERE message_id = $1", row["id"]
     )
