@@ -87,6 +87,8 @@ bench: setup
 	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --deliveries-per-s 20000 --procs 4 --idle 1000 10000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
 	$(BIN)/python loadtests/bench_tx.py --tasks 20 --transactions 200 --statements 2
+	$(BIN)/python loadtests/bench_locks.py --tasks 8 --senders 4 --seconds 4 --rounds 2
+	$(BIN)/python loadtests/bench_locks.py --tasks 8 --senders 4 --seconds 4 --rounds 2 --busy-ms 2
 	$(BIN)/python loadtests/bench_stream.py --ttft --budget-compare --before 72b84ba
 	$(BIN)/python loadtests/bench_cluster.py --subscribers 50 --rate 20 --writers 50
 
