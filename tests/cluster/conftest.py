@@ -172,8 +172,19 @@ async def ws_client(node: Node, user: User) -> AsyncIterator[Client]:
         nursery.cancel_scope.cancel()
 
 
+async def request(client: Client, op: str, **fields: Any) -> dict[str, Any]:
+    """One op, sent again after ``retry_after_s`` while it is refused ``rate_limited`` (a node's
+    lease of the user's bucket can run dry for a sync interval before the burst is spent)."""
+    for _ in range(RATE_LIMITED_ATTEMPTS):
+        answer = await client.request(op, **fields)
+        if answer["ok"] or answer["error"]["code"] != "rate_limited":
+            break
+        await trio.sleep(float(answer["error"]["details"]["retry_after_s"]))
+    return answer
+
+
 async def subscribe(client: Client, thread_id: str, after_seq: int | None = 0) -> dict[str, Any]:
-    reply = await client.request("subscribe", thread_id=thread_id, after_seq=after_seq)
+    reply = await request(client, "subscribe", thread_id=thread_id, after_seq=after_seq)
     assert reply["ok"], reply
     return reply["data"]  # type: ignore[no-any-return]
 
@@ -183,13 +194,13 @@ def durable(client: Client, thread_id: str) -> list[dict[str, Any]]:
 
 
 async def ws_send(client: Client, thread_id: str, content: str, *, reply: bool = False) -> Any:
-    client_msg_id = uuid.uuid4().hex
-    for _ in range(RATE_LIMITED_ATTEMPTS):
-        answer = await client.request(
-            "send", thread_id=thread_id, content=content, client_msg_id=client_msg_id, reply=reply
-        )
-        if answer["ok"] or answer["error"]["code"] != "rate_limited":
-            break
-        await trio.sleep(float(answer["error"]["details"]["retry_after_s"]))
+    answer = await request(
+        client,
+        "send",
+        thread_id=thread_id,
+        content=content,
+        client_msg_id=uuid.uuid4().hex,
+        reply=reply,
+    )
     assert answer["ok"], answer
     return answer["data"]

@@ -18,6 +18,7 @@ from tests.cluster.conftest import (
     durable,
     new_thread,
     new_user,
+    request,
     rest_send,
     subscribe,
     ws_client,
@@ -120,11 +121,11 @@ async def test_cancel_from_another_node_stops_the_reply_where_it_runs(fake: Clus
         await subscribe(watcher, thread_id, after_seq=0)
         await rest_send(one, user, thread_id, "go on and on", reply=True)
         await watcher.wait_for(lambda: len(_of(watcher, thread_id, "assistant.delta")) >= 2, 20)
-        answer = await canceller.request("cancel", thread_id=thread_id)
+        answer = await request(canceller, "cancel", thread_id=thread_id)
         assert answer["ok"] and answer["data"] == {"cancelled": True}, answer
         await watcher.wait_for(lambda: bool(_of(watcher, thread_id, "assistant.completed")), 20)
         # Nothing runs now: a second cancel, from yet another node, says so.
-        again = await watcher.request("cancel", thread_id=thread_id)
+        again = await request(watcher, "cancel", thread_id=thread_id)
         assert again["data"] == {"cancelled": False}
     done = _of(watcher, thread_id, "assistant.completed")[0]["data"]
     assert done["status"] == "cancelled" and done["cancelled"] is True
