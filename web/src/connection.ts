@@ -53,7 +53,23 @@ export interface ConnectionOptions {
   onSessionLost: (reason: "closed_4001" | "handshake_failed") => void;
 }
 
-export const BACKOFF = { baseMs: 500, maxMs: 15_000, rateLimitedMs: 10_000, pingEveryMs: 25_000, pingTimeoutMs: 10_000, requestTimeoutMs: 15_000 };
+export const BACKOFF = {
+  baseMs: 500,
+  maxMs: 15_000,
+  rateLimitedMs: 10_000,
+  pingEveryMs: 25_000,
+  pingTimeoutMs: 10_000,
+  requestTimeoutMs: 15_000,
+  /** An op refused `rate_limited` is sent again after `retry_after_s`, this many times at most. */
+  opRetries: 5,
+};
+
+/** How long to wait before sending an op again, or null if its refusal is not `rate_limited`. */
+export function rateLimitedWaitMs(error: unknown): number | null {
+  if (!(error instanceof RequestFailed) || error.body.code !== "rate_limited") return null;
+  const seconds = Number((error.body.details as { retry_after_s?: unknown } | undefined)?.retry_after_s);
+  return Number.isFinite(seconds) ? Math.max(50, seconds * 1000) : 1000;
+}
 
 const OPEN = 1;
 
@@ -108,8 +124,23 @@ export class Connection {
     this.setStatus("idle");
   }
 
-  /** One op; resolves with the reply's data, rejects with RequestFailed or ConnectionLost. */
-  request(op: Op, fields: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+  /** One op; resolves with the reply's data, rejects with RequestFailed or ConnectionLost.
+   *  A `rate_limited` refusal (the op was not carried out) is sent again after the server's
+   *  `retry_after_s`, up to `BACKOFF.opRetries` times: in a cluster a node's share of the user's
+   *  budget can run dry for a moment before the budget itself is spent. */
+  async request(op: Op, fields: Record<string, unknown> = {}): Promise<Record<string, unknown>> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.requestOnce(op, fields);
+      } catch (error) {
+        const waitMs = rateLimitedWaitMs(error);
+        if (waitMs === null || attempt >= BACKOFF.opRetries) throw error;
+        await new Promise((resolve) => setTimeout(resolve, waitMs));
+      }
+    }
+  }
+
+  private requestOnce(op: Op, fields: Record<string, unknown>): Promise<Record<string, unknown>> {
     const socket = this.socket;
     if (socket === null || socket.readyState !== OPEN || this.statusValue !== "connected") {
       return Promise.reject(new ConnectionLost());

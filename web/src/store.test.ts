@@ -91,6 +91,43 @@ describe("the store's WebSocket", () => {
     expect(store.getSnapshot().thread?.messages.map((m) => m.seq)).toEqual([1, 2, 3, 4]);
   });
 
+  it("sends an op again after retry_after_s when it is refused rate_limited, and gives up after a few", async () => {
+    const { store } = setup();
+    store.start();
+    await flush();
+    const socket = FakeSocket.instances[0]!;
+    socket.serverOpen();
+    await flush();
+    const subscribes = () => socket.sent.filter((f) => f.op === "subscribe");
+    const refuse = () => {
+      const last = subscribes().at(-1)!;
+      socket.serverSend({ op: "reply", ref: last.ref, ok: false, error: { code: "rate_limited", message: "slow down", request_id: "r", details: { retry_after_s: 0.2 } } });
+    };
+    expect(subscribes()).toHaveLength(1);
+    refuse();
+    await vi.advanceTimersByTimeAsync(199);
+    expect(subscribes()).toHaveLength(1); // not before the server's retry_after_s
+    await vi.advanceTimersByTimeAsync(1);
+    expect(subscribes()).toHaveLength(2);
+    expect(subscribes()[1]).toMatchObject({ thread_id: "t1", after_seq: 2 });
+    expect(subscribes()[1]!.ref).not.toBe(subscribes()[0]!.ref);
+    socket.reply("subscribe", { thread_id: "t1", last_seq: 2, replayed: 0 });
+    await flush();
+    expect(store.getSnapshot().alert).toBeNull();
+
+    // Refused every time: BACKOFF.opRetries more sends, then the failure is shown.
+    const failing = socket.sent.length;
+    const conn = (store as unknown as { connection: Connection }).connection;
+    const outcome = conn.request("subscribe", { thread_id: "t1", after_seq: 2 }).catch((e: unknown) => e);
+    for (let i = 0; i <= BACKOFF.opRetries; i++) {
+      await flush();
+      refuse();
+      await vi.advanceTimersByTimeAsync(200);
+    }
+    expect(socket.sent.length - failing).toBe(BACKOFF.opRetries + 1);
+    expect(await outcome).toMatchObject({ name: "RequestFailed", body: { code: "rate_limited" } });
+  });
+
   it("backs off exponentially with jitter while the server stays away", () => {
     const delays: number[] = [];
     const conn = new Connection({
