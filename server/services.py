@@ -16,6 +16,17 @@ from server.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyHistory:
+    """What a reply's prompt is built from, read by the send that asked for it (under the
+    thread lock, ``tl_send_message``): the reply goes at ``seq`` if nothing is written before."""
+
+    seq: int  # the reply's seq: the send's + 1
+    asked: str  # the content of the message answered
+    summary: str | None  # the latest summary
+    turns: list[tuple[str, str]]  # (role, content) after the summary, newest first
+
+
+@dataclass(frozen=True, slots=True)
 class ReplyRequest:
     """Ask the assistant to answer ``user_message_id`` in ``thread_id`` (after its commit)."""
 
@@ -23,6 +34,8 @@ class ReplyRequest:
     project_id: str
     user_message_id: str
     requested_by: str  # user id
+    # Read by the send (None: the start reads it itself); see ``ReplyHistory``.
+    history: ReplyHistory | None = None
 
 
 class Assistant(Protocol):

@@ -21,7 +21,8 @@ from server.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from server.services import ReplyRequest
+from server.services import ReplyHistory, ReplyRequest
+from server.storage import assistant as assistant_store
 from server.storage import messages
 
 log = structlog.get_logger(__name__)
@@ -53,6 +54,8 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
     """
     _check_length(ctx, cmd.content)
     thread_id = require_id(cmd.thread_id)
+    assistant = ctx.services.assistant
+    replying = cmd.reply and assistant is not None
     row = await messages.send(
         ctx.tx,
         author_id=ctx.user_id,
@@ -60,6 +63,9 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
         content=cmd.content,
         client_msg_id=cmd.client_msg_id,
         reply=cmd.reply,
+        # The reply's prompt material, read under the send's thread lock: the reply's start
+        # is then one statement (``tl_start_reply``) instead of two trips.
+        history=assistant_store.HISTORY_LIMIT if replying else None,
     )
     outcome = row["outcome"]
     if outcome == "not_found":
@@ -78,13 +84,21 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
     if outcome == "existing":
         return CommandResult(data, created=False)
     ctx.written(thread_id, "message.created", int(row["seq"]), data)
-    assistant = ctx.services.assistant
-    if cmd.reply and assistant is not None:
+    if replying and assistant is not None:
+        turns = row["turns"]
         request = ReplyRequest(
             thread_id=thread_id,
             project_id=str(row["project_id"]),
             user_message_id=data["id"],
             requested_by=ctx.user_id,
+            history=None
+            if turns is None
+            else ReplyHistory(
+                seq=int(row["seq"]) + 1,
+                asked=cmd.content,
+                summary=row["summary"],
+                turns=[(str(role), str(content)) for role, content in turns],
+            ),
         )
         ctx.after_commit.append(lambda: assistant.start_reply(request))
     return CommandResult(data, created=True)

@@ -8,9 +8,16 @@ A reply, for one ``ReplyRequest``:
    ``monthly_budget_usd``; a budget set concurrently with a start applies from the next one);
    insert the assistant message (``streaming``, seq = next, with its ``message.created`` event)
    and reserve the worst-case cost. A refused reply is inserted ``failed`` with ``assistant.failed``
-   (``budget_exceeded`` / ``content_filtered``) and no provider is called. Otherwise the provider
-   call starts (a child task) before the COMMIT, so the request travels while the commit flushes;
-   its text waits for the commit before anything is published, and a failed commit cancels it.
+   (``budget_exceeded`` / ``content_filtered``) and no provider is called.
+   A reply asked for by a send (``request.history``: the send's statement read the summary and
+   turns under its thread lock) starts in one statement, ``tl_start_reply``, with BEGIN and
+   COMMIT in the same trip; it writes nothing if anything was written in the thread since the
+   send (then the start runs as below). Its provider request goes out once it has committed, so
+   the first token never waits for a COMMIT.
+   Otherwise (a reply requested without history, or a stale one) the start is two trips: lock
+   and read, then ``tl_insert_reply`` with its COMMIT; the provider call starts (a child task)
+   before that COMMIT, so the request travels while the commit flushes; its text waits for the
+   commit before anything is published, and a failed commit cancels it.
 2. **Stream**: ``assistant.started {message_id}``, then ``assistant.delta {message_id, index,
    text}`` frames coalesced by ``DeltaCoalescer``; the text so far is saved every
    ``_SAVE_INTERVAL_S`` with unversioned updates.
@@ -65,7 +72,7 @@ from server.llm.client import LLMClient, LLMError
 from server.llm.coalesce import DeltaCoalescer
 from server.llm.prompt import ContentFiltered, Prompt, Turn, build_prompt, check_content
 from server.llm.provider import Completion, OnText, Usage
-from server.services import ReplyRequest, Services
+from server.services import ReplyHistory, ReplyRequest, Services
 from server.storage import assistant as store
 
 log = structlog.get_logger(__name__)
@@ -128,6 +135,13 @@ class _Call:
 
 class _ThreadBusy(Exception):
     """Another reply of the thread is being generated (on another node): wait for its end."""
+
+
+class _Stale:
+    """The history a send read is out of date: the start reads it again (``_STALE``)."""
+
+
+_STALE = _Stale()
 
 
 @dataclass(frozen=True, slots=True)
@@ -561,6 +575,11 @@ class AssistantService:
         provider's request while the commit takes its round trip and WAL flush; the caller
         publishes nothing of the call until this returns.
         """
+        if refuse is None and request.history is not None:
+            started = await self._start_from_history(request, request.history, launch)
+            if not isinstance(started, _Stale):
+                return started
+            # Something was written in the thread since the send read it: read it again.
         settings = self.settings
         model = self.llm.model
         refused: str | None = refuse
@@ -611,13 +630,68 @@ class AssistantService:
         if launched:
             self._publish(request.thread_id, "message.created", seq, launched[0].message)
             return launched[0]
+        self._refused(request, seq, outcome, json.loads(message_json))
+        return None
+
+    async def _start_from_history(
+        self,
+        request: ReplyRequest,
+        history: ReplyHistory,
+        launch: Callable[[_Started], None] | None,
+    ) -> _Started | _Stale | None:
+        """The start from what the send read (``request.history``): one statement and its
+        COMMIT in one trip (``tl_start_reply``), then the provider's request. ``_STALE`` if
+        something was written in the thread since the send (nothing written: start the usual
+        way); ``_ThreadBusy`` and ``LookupError`` as ``_start``."""
+        settings = self.settings
+        model = self.llm.model
+        turns = [Turn(role, content) for role, content in history.turns]
+        prompt = build_prompt(settings, summary=history.summary, turns=turns)
+        refused: str | None = None
+        try:
+            check_content(settings, history.asked)
+        except ContentFiltered:
+            refused = "content_filtered"
+        outcome, message_json = await store.start_reply(
+            self.services.db.atomic,
+            thread_id=request.thread_id,
+            project_id=request.project_id,
+            seq=history.seq,
+            reply_to=request.user_message_id,
+            model=model,
+            reserve_usd=pricing.reply_estimate_usd(settings, model, prompt.tokens),
+            claimed_by=self.incarnation,
+            refuse=refused,
+            refuse_text=None if refused is None else self._failure_text(refused),
+            budget_text=self._failure_text("budget_exceeded"),
+        )
+        if outcome == "stale":
+            return _STALE
+        if outcome == "busy":
+            raise _ThreadBusy  # generated elsewhere now; nothing written
+        if outcome == "not_found" or message_json is None:
+            raise LookupError("thread or project is gone")
         message = json.loads(message_json)
+        if outcome != "started":
+            self._refused(request, history.seq, outcome, message)
+            return None
+        whole = prompt.turns_included == len(turns) < store.HISTORY_LIMIT
+        started = _Started(message, prompt, model, whole)
+        self._publish(request.thread_id, "message.created", history.seq, message)
+        # Committed already: the provider's first token never waits for this start's COMMIT.
+        if launch is not None:
+            launch(started)
+        return started
+
+    def _refused(
+        self, request: ReplyRequest, seq: int, reason: str, message: dict[str, Any]
+    ) -> None:
+        """Publish a refused start's two events (written by its statement)."""
         self._publish(request.thread_id, "message.created", seq, message)
-        data = self._failed_payload(message["id"], "", "failed", outcome)
+        data = self._failed_payload(message["id"], "", "failed", reason)
         self._publish(request.thread_id, "assistant.failed", seq + 1, data)
         # No provider call was made, so threadline_llm_requests_total is not touched.
-        log.info("assistant.refused", thread_id=request.thread_id, reason=outcome)
-        return None
+        log.info("assistant.refused", thread_id=request.thread_id, reason=reason)
 
     async def _save_periodically(self, message_id: str, parts: list[str]) -> None:
         saved = 0

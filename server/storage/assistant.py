@@ -115,6 +115,46 @@ async def insert_reply_and_commit(
     return pair(row)
 
 
+async def start_reply(
+    tx: Tx,
+    *,
+    thread_id: str,
+    project_id: str,
+    seq: int,
+    reply_to: str,
+    model: str,
+    reserve_usd: Decimal,
+    claimed_by: str | None,
+    refuse: str | None,
+    refuse_text: str | None,
+    budget_text: str,
+) -> tuple[str, str | None]:
+    """A reply's whole start from the history its send read (``tl_start_reply``, migration
+    0013), one statement: run it on ``Database.atomic`` (BEGIN, it and COMMIT in one trip).
+
+    Locks the thread; writes nothing and answers ``stale`` if anything was written in it since
+    ``seq`` was read (the reply would not be at ``seq``), ``busy`` if one of its replies is
+    streaming, ``not_found`` if it is gone; else does what ``insert_reply_and_commit`` does and
+    answers the same ``(outcome, message)``.
+    """
+    row = await tx.fetchrow(
+        "SELECT outcome, message FROM tl_start_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        thread_id,
+        project_id,
+        seq,
+        reply_to,
+        model,
+        reserve_usd,
+        claimed_by,
+        refuse,
+        refuse_text,
+        budget_text,
+    )
+    assert row is not None
+    message = row["message"]
+    return str(row["outcome"]), None if message is None else str(message)
+
+
 async def latest_summary(tx: Tx, thread_id: str, before_seq: int | None = None) -> Record | None:
     """The newest summary of the thread (covering messages up to ``end_seq``)."""
     return await tx.fetchrow(

@@ -53,23 +53,34 @@ async def insert_message(
 
 
 async def send(
-    tx: Tx, *, author_id: str, thread_id: str, content: str, client_msg_id: str | None, reply: bool
+    tx: Tx,
+    *,
+    author_id: str,
+    thread_id: str,
+    content: str,
+    client_msg_id: str | None,
+    reply: bool,
+    history: int | None = None,
 ) -> Record:
-    """A user's send in one statement (``tl_send_message``, migration 0006).
+    """A user's send in one statement (``tl_send_message``, migrations 0006 and 0013).
 
     Columns: ``outcome`` (``created``, ``existing``, ``conflict``, ``not_found`` or
     ``budget_exceeded``), ``project_id``, ``seq``, ``message`` (the message as JSON text, exactly
     ``message_to_dict``'s, also the ``message.created`` payload when created), ``budget`` and
     ``spent`` (for ``budget_exceeded``). Only ``created`` writes anything: the message and its
-    event, in the statement's own transaction.
+    event, in the statement's own transaction. With ``reply`` and ``history`` (a number of
+    turns), a created message also comes with what its reply's prompt is built from, read under
+    the same thread lock: ``summary`` (the latest, or None) and ``turns`` (``[[role, content],
+    ...]``, newest first, at most ``history``, the new message first), as ``lock_for_reply``.
     """
     row = await tx.fetchrow(
-        "SELECT * FROM tl_send_message($1, $2, $3, $4, $5)",
+        "SELECT * FROM tl_send_message($1, $2, $3, $4, $5, $6)",
         author_id,
         thread_id,
         content,
         client_msg_id,
         reply,
+        history if reply else None,
     )
     assert row is not None
     return row
