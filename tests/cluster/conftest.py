@@ -25,6 +25,7 @@ from tests.cluster.nodes import (
     start_node,
     stop_embedded_postgres,
     stop_node,
+    wait_converged,
     wait_ready,
 )
 from tests.server.ws_support import Client
@@ -80,8 +81,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "doomed": running.launch("node-doomed"),
                 "leaving": running.launch("node-leaving"),
             }
-            for node in [*running.nodes, *running.spare.values()]:
+            everyone = [*running.nodes, *running.spare.values()]
+            for node in everyone:
                 wait_ready(node)
+            wait_converged(everyone)  # every node counts the others (fair shares, ownership)
             yield running
         finally:
             everyone = [*running.nodes, *running.spare.values()]

@@ -122,6 +122,25 @@ def wait_ready(node: Node, timeout_s: float = _START_TIMEOUT_S) -> dict[str, Any
     raise AssertionError(f"{node.name} not ready within {timeout_s}s:\n{node.log_path.read_text()}")
 
 
+def wait_converged(nodes: list[Node], timeout_s: float = _START_TIMEOUT_S) -> None:
+    """Poll each node's ``/readyz`` until it counts all of ``nodes`` live (bounded).
+
+    A node learns of the nodes that joined after it at its next heartbeat; until then its
+    rate limiter's fair shares are larger (``burst / nodes it knows of``).
+    """
+    deadline = time.monotonic() + timeout_s
+    pending = list(nodes)
+    while pending and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            response = httpx.get(pending[0].url + "/readyz", timeout=2)
+            if response.json()["checks"]["cluster"]["live"] >= len(nodes):
+                pending.pop(0)
+                continue
+        time.sleep(0.1)  # poll interval
+    if pending:
+        raise AssertionError(f"{pending[0].name} did not see all {len(nodes)} nodes in time")
+
+
 def stop_node(node: Node, timeout_s: float = 30.0) -> int:
     """SIGTERM (once), then wait; SIGKILL if it does not stop in time. Returns the exit status."""
     node.terminate()
