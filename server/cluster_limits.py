@@ -14,14 +14,16 @@ and the buckets are shared through *leases*:
 * a key a node has no lease for (first sight, or returned after idling) gets a *fair share* at
   once, ``burst / live nodes``, charged to the bucket at the next sync (possibly below zero: a
   debt the key then waits off); the WebSocket handshake leases a second share of its user's key
-  before the connection starts (``warm``), and an HTTP request refused by its node's lease waits
-  (``acquire``, at most 250 ms) for the next sync.
+  before the connection starts (``warm``), and an HTTP request or a WebSocket op refused by its
+  node's lease waits (``acquire``, at most 250 ms) for the next sync.
 
 Error bound. Every token a node grants comes from the shared bucket, except the fair shares: at
 most ``burst / N`` per node that starts using a key, charged as debt. So over any window of
 ``t`` seconds the cluster admits at most ``burst + rate * t`` plus one extra ``burst`` in the
 worst case (all ``N`` nodes starting on a key whose bucket another node has just emptied), and
 the debt makes the long-run rate exact: spreading requests over nodes never multiplies a budget.
+``N`` is what the node counted at its last heartbeat: for one heartbeat after nodes join, the
+ones already running count fewer and their fair shares are larger.
 In the other direction, tokens leased to a node and not used there (at most twice its recent
 demand, returned after 2 s idle) are unavailable to the others, and a burst that outruns a lease
 is refused for at most one sync interval (``retry_after_s`` says so).
@@ -171,13 +173,18 @@ class ClusterRateLimiter(RateLimiter):
         self._dirty.add(key)
         self._wake.set()
 
+    def may_wait(self, key: str) -> bool:
+        """True while ``key`` is leased here and the database answers: ``acquire`` may then
+        wait for the next sync to ask the shared bucket."""
+        return not self.degraded and key in self._leases
+
     async def acquire(self, key: str, limit: Limit | None = None, cost: float = 1.0) -> None:
         """``check`` for a task that may wait: a refusal by this node's lease (a burst larger
         than its share, on a key it has just started using) waits up to ``ACQUIRE_WAIT_S`` for
         the next sync, which asks the shared bucket, and is decided again. ``RateLimited`` if
         still refused."""
         wait = self.try_acquire(key, limit, cost)
-        if wait is not None and not self.degraded and key in self._leases:
+        if wait is not None and self.may_wait(key):
             synced = self._synced
             with trio.move_on_after(ACQUIRE_WAIT_S):
                 await synced.wait()

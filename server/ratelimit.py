@@ -124,6 +124,12 @@ class RateLimiter:
         """Charge the per-client-IP bucket; raises ``RateLimited``."""
         self.check(f"ip:{ip}", self.ip_limit, cost)
 
+    def may_wait(self, key: str) -> bool:
+        """True if a refusal of ``key`` now could be lifted by ``acquire`` waiting briefly (a
+        cluster node's lease running dry before the shared bucket is spent). Never for local
+        buckets: their refusal stands until the bucket refills."""
+        return False
+
     async def acquire(self, key: str, limit: Limit | None = None, cost: float = 1.0) -> None:
         """``check``, from a task that may wait: in a cluster, a refusal by this node's lease of
         a shared bucket waits (briefly) for the bucket's answer (``server/cluster_limits.py``)."""

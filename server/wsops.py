@@ -7,7 +7,10 @@ same errors); ``subscribe`` checks that the thread belongs to one of the user's 
 Every inbound frame is charged to the shared rate limiter, per user and per client IP, as it is
 read; Ping frames too (``charge_ping``, called by the transport). A refusal is an error reply
 ``rate_limited`` (for a Ping, only a strike); ``settings.ws_abuse_strikes`` refusals in a row
-close the connection 4029 ``rate_limited``.
+close the connection 4029 ``rate_limited``. In a cluster, a valid op refused only because this
+node's lease of a shared bucket ran dry is not refused by the reader: it goes to the dispatcher,
+which charges it again after waiting (up to 250 ms) for the shared bucket's answer, as REST does;
+the ops behind it keep their order.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from server.errors import (
     ValidationFailed,
 )
 from server.principal import Principal
+from server.ratelimit import Limit
 from server.services import Services
 from server.storage.events import thread_visible_to
 
@@ -76,6 +80,8 @@ class Request:
     op: str
     ref: str | None
     body: dict[str, Any]
+    # Buckets whose refusal waits for the cluster's shared bucket: charged by the dispatcher.
+    charge_later: tuple[tuple[str, Limit], ...] = ()
 
 
 def reply_ok(ref: str | None, data: dict[str, Any]) -> str:
@@ -119,39 +125,68 @@ class WSOps:
             refusal = exc
         raw_ref = body.get("ref") if isinstance(body, dict) else None
         ref = raw_ref if isinstance(raw_ref, str) and 0 < len(raw_ref) <= 200 else None
+        if refusal is None and not isinstance(body, dict):
+            refusal = BadRequest("A frame must be a JSON object.")
+        op = body.get("op") if isinstance(body, dict) else None
+        if refusal is None and (not isinstance(op, str) or op not in OPS):
+            refusal = BadRequest("Unknown op.", details={"op": op if isinstance(op, str) else None})
         try:
-            self._charge(conn)
+            # Only a valid op may wait for the shared bucket: garbage is charged (or refused) now.
+            later = self._charge(conn, may_defer=refusal is None)
             if refusal is not None:
                 raise refusal
-            if not isinstance(body, dict):
-                raise BadRequest("A frame must be a JSON object.")
-            op = body.get("op")
-            if not isinstance(op, str) or op not in OPS:
-                raise BadRequest("Unknown op.", details={"op": op if isinstance(op, str) else None})
-            return Request(op=op, ref=ref, body=body)
+            assert isinstance(op, str) and isinstance(body, dict)
+            return Request(op=op, ref=ref, body=body, charge_later=later)
         except ThreadlineError as exc:
             self._refuse(conn, ref, exc)
         return None
 
-    def _charge(self, conn: Connection) -> None:
+    def _charge(self, conn: Connection, *, may_defer: bool) -> tuple[tuple[str, Limit], ...]:
+        """Charge one frame to the user's and the client IP's buckets; ``RateLimited`` if
+        refused. With ``may_defer``, the buckets whose refusal could be lifted by waiting for the
+        cluster's shared bucket are returned, uncharged, for the dispatcher (``_charge_later``)."""
+        limiter = self.services.limiter
+        later: list[tuple[str, Limit]] = []
+        for key, limit in (
+            (f"user:{self.principal.user_id}", limiter.user_limit),
+            (f"ip:{self.client_ip}", limiter.ip_limit),
+        ):
+            wait = limiter.try_acquire(key, limit)
+            if wait is None:
+                continue
+            if may_defer and limiter.may_wait(key):
+                later.append((key, limit))
+                continue
+            self._strike(conn)
+            raise RateLimited(wait)
+        if not later:
+            conn.strikes = 0
+        return tuple(later)
+
+    async def _charge_later(self, conn: Connection, request: Request) -> None:
+        """Charge what the reader left to the cluster's shared buckets, waiting (briefly) for
+        their answer; ``RateLimited`` (with a strike) if still refused."""
         limiter = self.services.limiter
         try:
-            limiter.check_user(self.principal.user_id)
-            limiter.check_ip(self.client_ip)
+            for key, limit in request.charge_later:
+                await limiter.acquire(key, limit)
         except RateLimited:
-            metrics.RATE_LIMITED.labels(transport="ws").inc()
-            conn.strikes += 1
-            if conn.strikes >= self.services.settings.ws_abuse_strikes:
-                log.warning("ws.rate_limit_abuse", strikes=conn.strikes)
-                conn.close(CLOSE_RATE_LIMITED, "rate_limited")
+            self._strike(conn)
             raise
         conn.strikes = 0
+
+    def _strike(self, conn: Connection) -> None:
+        metrics.RATE_LIMITED.labels(transport="ws").inc()
+        conn.strikes += 1
+        if conn.strikes >= self.services.settings.ws_abuse_strikes:
+            log.warning("ws.rate_limit_abuse", strikes=conn.strikes)
+            conn.close(CLOSE_RATE_LIMITED, "rate_limited")
 
     def charge_ping(self, conn: Connection) -> None:
         """A Ping frame from the client is charged like an op (the server answers every one);
         it has no ref to answer, so a refusal only counts a strike (4029 after enough)."""
         try:
-            self._charge(conn)
+            self._charge(conn, may_defer=False)
         except RateLimited:
             pass
 
@@ -164,6 +199,8 @@ class WSOps:
         """Run one op; queue exactly one reply for its ref."""
         subscription: Subscription | None = None
         try:
+            if request.charge_later:
+                await self._charge_later(conn, request)
             if request.op == "subscribe":
                 subscription = await self._subscribe(conn, request.body)
                 data = {

@@ -135,3 +135,15 @@ async def test_a_burst_beyond_this_nodes_share_waits_for_the_shared_bucket(
         with pytest.raises(RateLimited):
             await node.acquire(key)
         nursery.cancel_scope.cancel()
+
+
+async def test_only_a_leased_key_of_a_live_node_may_wait(db: Database) -> None:
+    """``may_wait``: the WebSocket defers a refused op to the dispatcher only when waiting for
+    the shared bucket can change the answer."""
+    node = limiter(db)
+    key = f"user:{uuid.uuid4()}"
+    assert not node.may_wait(key)  # never asked for here: no lease to refill
+    node.try_acquire(key)
+    assert node.may_wait(key)
+    node._failing_since = node._clock() - node.degraded_after_s - 1  # the database is gone
+    assert node.degraded and not node.may_wait(key)

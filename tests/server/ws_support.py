@@ -98,6 +98,7 @@ class Client:
         self._refs = itertools.count(1)
         self.events: list[dict[str, Any]] = []
         self._replies: dict[str, dict[str, Any]] = {}
+        self.reply_refs: list[str | None] = []  # every reply's ref, in the order read
         self._changed = trio.Event()
         self.closed: tuple[int | None, str | None] | None = None
 
@@ -110,6 +111,7 @@ class Client:
                 frame = json.loads(await self.ws.get_message())
                 if frame["op"] == "reply":
                     self._replies[frame["ref"]] = frame
+                    self.reply_refs.append(frame["ref"])
                 else:
                     self.events.append(frame)
                 self._changed.set()
