@@ -160,9 +160,11 @@ def test_client_ip_honours_forwarded_for_only_from_trusted_proxies(
 def settings(tmp_path: Path) -> Settings:
     return make_settings(
         tmp_path,
-        rate_limit_per_s=0.5,
+        # Refills slow enough (a token per 100 s) that a loaded machine's slow requests never
+        # earn one back in the middle of a test (0.5/s did: 9 requests over 2 s).
+        rate_limit_per_s=0.01,
         rate_limit_burst=3,
-        ip_rate_limit_per_s=0.5,
+        ip_rate_limit_per_s=0.01,
         ip_rate_limit_burst=8,
     )
 
