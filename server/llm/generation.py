@@ -54,6 +54,7 @@ provider call.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -201,7 +202,9 @@ class AssistantService:
             if len(queue) >= _QUEUE_LIMIT:
                 self._refuse_soon(request, "overloaded")
                 return
-            queue.append(request)
+            # Behind another reply, whose start and end will write in the thread: the history
+            # its send read will be stale by then, and it would only hold memory while it waits.
+            queue.append(dataclasses.replace(request, history=None))
             if self._worker_lost(thread_id):
                 log.warning("assistant.worker_lost", thread_id=thread_id)
                 self._spawn(thread_id, lambda: self._worker(thread_id))

@@ -10,6 +10,8 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import trio
+
 from server.commands.bus import execute
 from server.commands.models import SendMessage
 from server.db import Database
@@ -245,3 +247,44 @@ async def test_a_stale_history_is_read_again(llm_server: RunningServer, fake_llm
     assert [e.seq for e in created] == [int(row["seq"]) + 2]
     prompt = [m["content"] for m in fake_llm.stats.last_messages]
     assert prompt[-3:] == ["earlier", "first ask", "and a second thought"]
+
+
+async def test_a_request_queued_behind_a_reply_keeps_no_history(
+    llm_server: RunningServer, fake_llm: FakeLLM
+) -> None:
+    """The history read by a send whose reply must wait is dropped (it will be stale, and up to
+    400 turns would be held per queued request): the reply reads the thread when it starts."""
+    db = llm_server.services.db
+    assistant = llm_server.services.assistant
+    assert assistant is not None
+    tap = TimedTap(llm_server)
+    seeded = await seed_thread(db, ["earlier"])
+
+    def request(row: Any) -> ReplyRequest:
+        return ReplyRequest(
+            thread_id=seeded.thread_id,
+            project_id=seeded.project_id,
+            user_message_id=json.loads(row["message"])["id"],
+            requested_by=seeded.user_id,
+            history=ReplyHistory(
+                seq=int(row["seq"]) + 1,
+                asked="x",
+                summary=row["summary"],
+                turns=[(role, content) for role, content in row["turns"]],
+            ),
+        )
+
+    fake_llm.configure(tokens=3, hang=True)
+    started = fake_llm.request_started
+    assistant.start_reply(request(await _send(db, seeded, "first")))
+    second = await _send(db, seeded, "second")
+    await started.wait()
+    assistant.start_reply(request(second))
+    queue = assistant._queues[seeded.thread_id]  # type: ignore[attr-defined]
+    assert [r.history is None for r in queue] == [False, True]
+    fake_llm.configure(hang=False)
+    with trio.fail_after(15):
+        while len([e for _, e in tap.of(seeded.thread_id) if e.type == "assistant.completed"]) < 2:
+            await tap.changed.wait()
+    prompt = [m["content"] for m in fake_llm.stats.last_messages]
+    assert "second" in prompt
