@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     # connections that is a stall of a second or more; a higher threshold makes them rare
     # while connections are being opened (docs/performance.md).
     gc_threshold: int = Field(default=10_000, ge=100)
+    # Once started, move start-up's objects (modules, classes, the app: they live as long as the
+    # process) out of the collector's sight (``gc.freeze``): a full collection then traverses
+    # only what came after, the connections and requests (docs/performance.md, "Fan-out").
+    gc_freeze: bool = True
 
     # Several nodes on one PostgreSQL (docs/operations.md, "Scaling out").
     node_id: str = Field(default_factory=default_node_id)

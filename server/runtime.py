@@ -19,7 +19,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from server import httpext, migrate
+from server import gcwatch, httpext, migrate
 from server.app import create_app
 from server.auth import auth_plugin
 from server.cluster import cluster_plugin
@@ -185,10 +185,19 @@ async def _serve_http(
 
 
 def tune_collector(settings: Settings) -> None:
-    """Set the cyclic garbage collector's first threshold for this process (``serve`` only:
-    a process-wide choice, not one for whoever embeds the server)."""
+    """Set the cyclic garbage collector's first threshold for this process and time its pauses
+    (``threadline_gc_pause_seconds``); ``serve`` only: a process-wide choice, not one for
+    whoever embeds the server."""
     _, middle, oldest = gc.get_threshold()
     gc.set_threshold(settings.gc_threshold, middle, oldest)
+    gcwatch.install()
+
+
+def freeze_started(settings: Settings) -> None:
+    """Once the server is up: start-up's objects out of the collector's sight
+    (``THREADLINE_GC_FREEZE``), so full collections traverse only what came after."""
+    if settings.gc_freeze:
+        log.info("server.gc_frozen", objects=gcwatch.freeze_startup())
 
 
 async def serve_until_signalled(
@@ -202,6 +211,7 @@ async def serve_until_signalled(
     async with trio_asyncio.open_loop():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with open_server(settings, dsn, embedded=embedded) as running:
+                freeze_started(settings)
                 print(f"threadline: serving on {running.url}", flush=True)
                 async for signum in signals:
                     log.info("server.signal", signal=signal.Signals(signum).name)

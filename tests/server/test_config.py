@@ -94,7 +94,35 @@ def test_serve_sets_the_collectors_first_threshold(monkeypatch: pytest.MonkeyPat
     finally:
         gc.set_threshold(*before)
     assert load_settings(gc_threshold=10_000).gc_threshold == 10_000
+    assert load_settings().gc_freeze is True
     monkeypatch.setenv("THREADLINE_GC_THRESHOLD", "0")  # would turn the collector off
     with pytest.raises(ConfigError) as caught:
         load_settings()
     assert any(p.startswith("THREADLINE_GC_THRESHOLD:") for p in caught.value.problems)
+
+
+def test_the_start_up_heap_is_frozen_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import gcwatch
+    from server.runtime import freeze_started, tune_collector
+
+    assert gc.get_freeze_count() == 0
+    try:
+        monkeypatch.setenv("THREADLINE_GC_FREEZE", "false")
+        freeze_started(load_settings())
+        assert gc.get_freeze_count() == 0
+        monkeypatch.delenv("THREADLINE_GC_FREEZE")
+        freeze_started(load_settings())
+        assert gc.get_freeze_count() > 10_000  # this process's modules, classes, functions
+    finally:
+        gc.unfreeze()
+    # Every collection is timed, by generation, once the collector is tuned.
+    before = gc.get_threshold()
+    try:
+        tune_collector(load_settings())
+        pauses = gcwatch.install()
+        full = sum(pauses.counts[2])
+        gc.collect()
+        assert sum(pauses.counts[2]) == full + 1
+        assert pauses.longest[2] > 0
+    finally:
+        gc.set_threshold(*before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,10 +62,21 @@ def test_serve_runs_on_the_embedded_database_and_keeps_its_data(tmp_path: Path) 
         ready = wait_ready(url, proc).json()
         assert ready["checks"]["migrations"]["ok"] is True
         assert (data_dir / "pgdata" / "PG_VERSION").exists()
+        # The collector is timed from the start: the full collection before the start-up heap
+        # was frozen (THREADLINE_GC_FREEZE, on by default) is counted already.
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        full = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith('threadline_gc_pause_seconds_count{generation="2"}')
+        ]
+        assert full and float(full[0].split()[-1]) >= 1, full
     finally:
         code, err = stop(proc)
     assert code == 0, err
     assert "server.stopped" in err
+    frozen = [json.loads(line) for line in err.splitlines() if "server.gc_frozen" in line]
+    assert frozen and frozen[0]["objects"] > 10_000, frozen
     assert not list((data_dir / "pgdata").glob("postmaster.pid")), "embedded postgres left running"
 
     # A second start finds the same cluster (already migrated) and serves again.
