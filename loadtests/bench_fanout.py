@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,6 +60,7 @@ class Target:
     base: str
     token: str
     thread_id: str
+    dsn: str | None = None  # Threadline's embedded PostgreSQL, whose CPU is counted too
 
 
 def threadline_setup(base: str) -> tuple[str, str]:
@@ -76,37 +79,52 @@ def threadline_setup(base: str) -> tuple[str, str]:
 
 def publish(target: Target, events: int, rate: float, pad: int, concurrency: int = 8) -> float:
     """Post ``events`` messages, event i at start + i / ``rate``, from ``concurrency`` threads
-    (a send takes longer than 1 / rate: one at a time could not keep the pace); elapsed s."""
-    start = time.monotonic()
+    (a send takes longer than 1 / rate: one at a time could not keep the pace); elapsed s.
+
+    Each thread's HTTP client is created and its connection opened (one ``GET /healthz``)
+    before the clock starts: created inside the measured window, the eight clients' set-up
+    (an SSL context each, under the GIL) held the first events back and sent them in a bunch,
+    and those few events were the whole p99 (docs/performance.md, "Fan-out")."""
+    workers = max(1, min(concurrency, events))
+    clients = [
+        httpx.Client(
+            base_url=target.base, timeout=60, headers={"Authorization": f"Bearer {target.token}"}
+        )
+        for _ in range(workers)
+    ]
+    for http in clients:
+        http.get("/healthz")  # opens the keep-alive connection (a 404 on the naive server)
     lock = threading.Lock()
     next_index = [0]
+    start = time.monotonic()
 
-    def worker() -> None:
-        with httpx.Client(
-            base_url=target.base, timeout=60, headers={"Authorization": f"Bearer {target.token}"}
-        ) as http:
-            while True:
-                with lock:
-                    i = next_index[0]
-                    next_index[0] += 1
-                if i >= events:
-                    return
-                delay = start + i / rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                body = {
-                    "content": f"{time.time():.6f}".ljust(pad),
-                    "client_msg_id": uuid.uuid4().hex,
-                    "reply": False,
-                }
-                url = f"/api/v1/threads/{target.thread_id}/messages"
-                http.post(url, json=body).raise_for_status()
+    def worker(http: httpx.Client) -> None:
+        while True:
+            with lock:
+                i = next_index[0]
+                next_index[0] += 1
+            if i >= events:
+                return
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            body = {
+                "content": f"{time.time():.6f}".ljust(pad),
+                "client_msg_id": uuid.uuid4().hex,
+                "reply": False,
+            }
+            url = f"/api/v1/threads/{target.thread_id}/messages"
+            http.post(url, json=body).raise_for_status()
 
-    threads = [threading.Thread(target=worker) for _ in range(min(concurrency, events))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    threads = [threading.Thread(target=worker, args=(http,)) for http in clients]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for http in clients:
+            http.close()
     return time.monotonic() - start
 
 
@@ -121,6 +139,39 @@ def delivery_buckets(target: Target) -> list[tuple[float, float]]:
             le = line.split('le="')[1].split('"')[0]
             buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
     return buckets
+
+
+def gc_pauses(target: Target) -> dict[str, tuple[float, float]]:
+    """Threadline's collector pauses so far: generation -> (collections, seconds)."""
+    if target.name != "threadline":
+        return {}
+    text = httpx.get(f"{target.base}/metrics", timeout=30).text
+    found: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        for suffix, i in (("_count", 0), ("_sum", 1)):
+            if line.startswith(f"threadline_gc_pause_seconds{suffix}{{"):
+                generation = line.split('generation="')[1].split('"')[0]
+                found.setdefault(generation, [0.0, 0.0])[i] = float(line.split()[-1])
+    return {g: (n, s) for g, (n, s) in found.items()}
+
+
+def event_split(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Each frame's latency in two parts, p99 of each over all frames: the earliest delivery of
+    its event (anywhere: the send path, the server's commit to its first socket, one client) and
+    the rest (the frame's place in the fan-out loop, and its client process's own lag)."""
+    first: dict[float, float] = {}
+    for r in results:
+        for sent, lat in zip(r["sent"], r["latencies"], strict=True):
+            if lat < first.get(sent, float("inf")):
+                first[sent] = lat
+    pairs = [(s, lat) for r in results for s, lat in zip(r["sent"], r["latencies"], strict=True)]
+    own = [first[s] for s, _ in pairs]
+    rest = [lat - first[s] for s, lat in pairs]
+    return {
+        "event_first_p99_ms": round(harness.percentile(own, 99) * 1000, 1),
+        "after_first_p99_ms": round(harness.percentile(rest, 99) * 1000, 1),
+        "events_over_200ms": sum(1 for lat in first.values() if lat > 0.2),
+    }
 
 
 def bucket_quantiles(
@@ -174,16 +225,28 @@ def fanout(
         clients.wait_ready(timeout_s=120 + n * 0.01)
         time.sleep(0.5)
         profiler = profile(target, n, args)
-        scraped = delivery_buckets(target)
+        scraped, gc0 = delivery_buckets(target), gc_pauses(target)
+        others = [psutil.Process(pid) for pid in clients.pids]
+        others += harness.postgres_backends(target.dsn) if target.dsn else []
+        others_cpu0, driver0 = harness.cpu_of(others), harness.cpu_seconds(os.getpid())
         wall0, (user0, sys0) = time.monotonic(), harness.cpu_split(target.pid)
+        load0 = os.getloadavg()[0]
         published_for = publish(target, events, rate, args.pad)
         results = clients.results(timeout_s=args.seconds + 60)
         user1, sys1 = harness.cpu_split(target.pid)
         server_side = bucket_quantiles(scraped, delivery_buckets(target)) if scraped else {}
         wall, cpu = time.monotonic() - wall0, (user1 - user0) + (sys1 - sys0)
+        others_cpu1, driver1 = harness.cpu_of(others), harness.cpu_seconds(os.getpid())
+        gc1 = gc_pauses(target)
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
             profiler.wait(timeout=60)
+    clients_cpu = sum(others_cpu1.get(p, 0.0) - others_cpu0.get(p, 0.0) for p in clients.pids)
+    pg_cpu = sum(others_cpu1.values()) - sum(others_cpu0.values()) - clients_cpu
+    gc_window = {
+        f"gen{g}": [int(n - gc0.get(g, (0, 0))[0]), round((t - gc0.get(g, (0, 0))[1]) * 1000, 1)]
+        for g, (n, t) in sorted(gc1.items())
+    }
     received = sum(r["received"] for r in results)
     latencies = [lat for r in results for lat in r["latencies"]]
     first = min((r["first_at"] for r in results if r["first_at"]), default=0.0)
@@ -215,6 +278,12 @@ def fanout(
         "sys_us_per_delivery": round((sys1 - sys0) / max(received, 1) * 1e6, 1),
         "publish_cpu_ms": round(per_publish_s * 1000, 2),
         "server_commit_to_sockets": server_side,
+        **event_split(results),
+        "server_gc_collections_ms": gc_window,
+        "cpu_share_clients": round(clients_cpu / wall, 2),
+        "cpu_share_postgres": round(pg_cpu / wall, 2),
+        "cpu_share_publisher": round((driver1 - driver0) / wall, 2),
+        "load_average": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "closes": closes,
     }
 
@@ -315,7 +384,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             tl = ["-m", "server.cli", "serve", "--port", str(harness.free_port())]
             with harness.server_process(tl, env, "threadline: serving on") as (pid, base):
                 token, thread_id = threadline_setup(base)
-                rows += run_target(Target("threadline", pid, base, token, thread_id), args)
+                rows += run_target(Target("threadline", pid, base, token, thread_id, dsn), args)
     return rows
 
 
@@ -332,6 +401,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         "net_cpu_us_per_delivery",
         "user_us_per_delivery",
         "sys_us_per_delivery",
+        "event_first_p99_ms",
+        "after_first_p99_ms",
+        "cpu_share_clients",
+        "cpu_share_postgres",
+        "cpu_share_publisher",
         "gaps",
         "delivered",
         "expected",

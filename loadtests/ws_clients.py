@@ -6,7 +6,8 @@ One process (``subscribers(share, link)``, run by ``harness.ClientProcesses``) o
 at a time: hypercorn's listen backlog is 100), subscribes each to ``share.thread_id``, reports
 ready, then reads with ``epoll`` until the driver says stop. For every ``message.created`` frame it
 records the delay from the publish time the publisher put in the message's ``content``
-(``time.time()`` of the publisher, same machine) to the frame being parsed here, and checks seqs
+(``time.time()`` of the publisher, same machine) to the frame being parsed here, with that
+publish time (``sent``: which event the frame carried), and checks seqs
 are consecutive per connection. Pings are answered. ``share.stalled`` extra connections subscribe
 with a 4 KiB receive buffer and then never read (slow consumers).
 
@@ -212,6 +213,7 @@ def subscribers(share: Share, link: Any) -> None:
     retries = _open_all(share, conns, ep)
     link.ready({"connections": len(conns), "handshake_retries": retries})
     latencies: list[float] = []
+    sent: list[float] = []  # the publish time of each timed frame: which event it was
     received = 0
     gaps = 0
     closes: dict[str, int] = {}
@@ -257,7 +259,9 @@ def subscribers(share: Share, link: Any) -> None:
                         i = payload.find(content_key)
                         if i >= 0:
                             i = payload.index(b'"', i + len(content_key)) + 1
-                            latencies.append(now - float(payload[i : payload.index(b'"', i)]))
+                            published = float(payload[i : payload.index(b'"', i)])
+                            latencies.append(now - published)
+                            sent.append(published)
                 elif opcode == 0x9:
                     conn.sock.send(masked(0xA, payload))
                 elif opcode == 0x8:
@@ -272,6 +276,7 @@ def subscribers(share: Share, link: Any) -> None:
         "received": received,
         "gaps": gaps,
         "latencies": latencies,
+        "sent": sent,
         "closes": closes,
         "first_at": first_at,
         "last_at": last_at,

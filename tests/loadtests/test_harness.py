@@ -40,6 +40,10 @@ def test_fanout_against_the_naive_baseline() -> None:
     assert row["gaps"] == 0 and row["closes"] == {}
     assert row["p99_ms"] >= row["p50_ms"] > 0
     assert row["cpu_us_per_delivery"] > 0
+    # Each frame's latency split: its event's earliest delivery, and the rest after it.
+    assert 0 < row["event_first_p99_ms"] <= row["p99_ms"]
+    assert 0 <= row["after_first_p99_ms"] <= row["p99_ms"]
+    assert row["cpu_share_clients"] >= 0 and row["cpu_share_publisher"] >= 0
 
 
 def test_idle_memory_opens_cumulative_steps_against_the_naive_baseline() -> None:
