@@ -483,8 +483,10 @@ def report(
         if requests and key in requests and key in first_tokens
     ]
     # Of the time added after the provider's first token, the part before the reply's
-    # message.created reached the watcher: the start transaction still committing (the
-    # provider's request goes out before the COMMIT; nothing of a reply is published before it).
+    # message.created reached the watcher: the start transaction still committing when the
+    # provider's request went out before the COMMIT (a reply started without its send's history;
+    # servers before e496760); since a reply asked for by a send is requested after its start
+    # has committed, what remains here is message.created's own delivery lag.
     commit_wait = [
         max(0.0, w.reply_created_at - first_tokens[f"bench {w.thread_id}"])
         for w in watchers
