@@ -137,8 +137,6 @@ def close_clients(clients: Any) -> None:
 
 
 async def measure(args: argparse.Namespace, dsn: str) -> None:
-    import trio_asyncio
-
     from server.auth import create_user_with_token
     from server.commands.bus import execute
     from server.commands.models import CreateProject, CreateThread
@@ -160,10 +158,7 @@ async def measure(args: argparse.Namespace, dsn: str) -> None:
         argon2_parallelism=1,
     )
     configure_logging(settings.log_format, settings.log_level)
-    async with (
-        trio_asyncio.open_loop(),
-        open_server(settings, dsn, bind="127.0.0.1:0") as running,
-    ):
+    async with open_server(settings, dsn, bind="127.0.0.1:0") as running:
         services = running.services
         user, token = await create_user_with_token(services)
         principal = Principal(

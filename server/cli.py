@@ -62,13 +62,12 @@ def _cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     import trio
-    import trio_asyncio
 
     from server.db import Database
     from server.storage.reconcile import reconcile
 
     async def _run(dsn: str) -> dict[str, int]:
-        async with trio_asyncio.open_loop(), Database.connect(dsn, min_size=1, max_size=2) as db:
+        async with Database.connect(dsn, min_size=1, max_size=2) as db:
             return await reconcile(db)
 
     with database_dsn(settings) as (dsn, _):

@@ -204,17 +204,14 @@ async def serve_until_signalled(
     settings: Settings, dsn: str, embedded: EmbeddedPostgres | None = None
 ) -> None:
     """``threadline serve``: run until SIGTERM or SIGINT, then shut down gracefully."""
-    import trio_asyncio
-
     tune_collector(settings)
 
-    async with trio_asyncio.open_loop():
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with open_server(settings, dsn, embedded=embedded) as running:
-                freeze_started(settings)
-                print(f"threadline: serving on {running.url}", flush=True)
-                async for signum in signals:
-                    log.info("server.signal", signal=signal.Signals(signum).name)
-                    running.shutdown()
-                    break
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with open_server(settings, dsn, embedded=embedded) as running:
+            freeze_started(settings)
+            print(f"threadline: serving on {running.url}", flush=True)
+            async for signum in signals:
+                log.info("server.signal", signal=signal.Signals(signum).name)
+                running.shutdown()
+                break
     log.info("server.stopped")

@@ -16,7 +16,6 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import psycopg
 import pytest
-import trio_asyncio
 
 from server import migrate
 from server.config import Settings
@@ -60,14 +59,7 @@ def scratch_dsn(pg_dsn: str) -> Iterator[str]:
 
 
 @pytest.fixture
-async def aio_loop() -> AsyncIterator[None]:
-    """The process's asyncio loop bridged into trio, as ``threadline serve`` opens it."""
-    async with trio_asyncio.open_loop():
-        yield
-
-
-@pytest.fixture
-async def db(pg_dsn: str, aio_loop: None) -> AsyncIterator[Database]:
+async def db(pg_dsn: str) -> AsyncIterator[Database]:
     async with Database.connect(pg_dsn, min_size=1, max_size=4) as database:
         yield database
 
@@ -102,7 +94,7 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-async def server(settings: Settings, pg_dsn: str, aio_loop: None) -> AsyncIterator[RunningServer]:
+async def server(settings: Settings, pg_dsn: str) -> AsyncIterator[RunningServer]:
     """The real server, in this test's trio loop, listening on a free loopback port."""
     async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as running:
         yield running

@@ -141,7 +141,7 @@ class EventTap:
 
 @pytest.fixture
 async def llm_server(
-    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str
 ) -> AsyncIterator[RunningServer]:
     async with open_server(llm_settings(tmp_path, fake_llm), pg_dsn, bind="127.0.0.1:0") as s:
         yield s

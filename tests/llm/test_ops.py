@@ -17,7 +17,7 @@ SECRET = "sk-test-secret-do-not-log"
 
 
 async def test_open_circuit_shows_in_readyz_and_refuses_replies(
-    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str
 ) -> None:
     settings = llm_settings(
         tmp_path, fake_llm, llm_circuit_failures=2, llm_max_retries=1, llm_circuit_reset_s=600
@@ -67,7 +67,7 @@ async def test_open_circuit_shows_in_readyz_and_refuses_replies(
 
 
 async def test_reply_tokens_and_cost_are_counted(
-    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str
 ) -> None:
     fake_llm.configure(tokens=7)
     completion_before = metrics.LLM_TOKENS.labels(kind="completion")._value.get()

@@ -165,7 +165,6 @@ async def test_a_stream_that_stalls_after_text(tmp_path: Path, fake_llm: FakeLLM
 async def test_a_faulty_reply_keeps_and_counts_its_text(
     tmp_path: Path,
     pg_dsn: str,
-    aio_loop: None,
     controls: dict[str, int],
     reason: str,
     kept_tokens: int,

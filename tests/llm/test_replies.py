@@ -177,7 +177,7 @@ async def test_provider_failure_mid_stream_keeps_partial_text(
 
 
 async def test_content_filter_refuses_without_calling_the_provider(
-    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str
 ) -> None:
     settings = llm_settings(tmp_path, fake_llm, content_filter="forbidden,Secret Plan")
     async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as running:
@@ -267,7 +267,7 @@ async def test_shutdown_saves_an_in_flight_reply_as_interrupted(
     )
 
 
-async def test_offline_model_is_the_default(tmp_path: Path, pg_dsn: str, aio_loop: None) -> None:
+async def test_offline_model_is_the_default(tmp_path: Path, pg_dsn: str) -> None:
     async with open_server(make_settings(tmp_path), pg_dsn, bind="127.0.0.1:0") as running:
         tap = EventTap(running)
         seeded = await seed_thread(running.services.db, ["Are you a real model?"])

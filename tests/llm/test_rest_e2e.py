@@ -14,7 +14,7 @@ from tests.server.rest_client import assert_error, new_api
 
 
 async def test_rest_send_with_reply_stores_completed_answer_and_usage(
-    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str
 ) -> None:
     fake_llm.configure(tokens=25)
     settings = llm_settings(tmp_path, fake_llm)

@@ -97,7 +97,7 @@ async def test_summariser_cancelled_mid_call_leaves_nothing(
 
 
 async def test_completed_reply_wakes_the_summariser_and_the_summary_feeds_prompts(
-    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str, aio_loop: None
+    tmp_path: Path, fake_llm: FakeLLM, pg_dsn: str
 ) -> None:
     settings = llm_settings(tmp_path, fake_llm, summary_threshold_tokens=100)
     async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as running:

@@ -246,9 +246,7 @@ def _database_at_rest(dsn: str) -> dict[str, int]:
     return {str(state): int(count) for state, count in rows}
 
 
-async def test_abandoned_requests_leave_nothing_behind(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_abandoned_requests_leave_nothing_behind(tmp_path: Path, pg_dsn: str) -> None:
     async with open_fake_llm() as fake:
         fake.configure(tokens=30, delay_per_token_ms=5)
         settings = llm_settings(

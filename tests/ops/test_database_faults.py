@@ -127,9 +127,7 @@ def _readiness_figures(rig: Rig, fault_at: float, recovered_at: float) -> tuple[
     return down - fault_at, up - recovered_at
 
 
-async def test_sends_survive_a_frozen_database(
-    tmp_path: Path, own_pg: EmbeddedPostgres, aio_loop: None
-) -> None:
+async def test_sends_survive_a_frozen_database(tmp_path: Path, own_pg: EmbeddedPostgres) -> None:
     async with _rig(tmp_path, own_pg) as rig:
         before = rig.load.total_acked
         fault_at = trio.current_time()
@@ -157,7 +155,7 @@ async def test_sends_survive_a_frozen_database(
 
 
 async def test_sends_survive_a_killed_database_restarted_by_the_server(
-    tmp_path: Path, own_pg: EmbeddedPostgres, aio_loop: None
+    tmp_path: Path, own_pg: EmbeddedPostgres
 ) -> None:
     async with _rig(tmp_path, own_pg) as rig:
         fault_at = trio.current_time()
@@ -199,7 +197,7 @@ def _terminate_pool(dsn: str) -> int:
 
 
 async def test_terminated_pool_connections_under_load(
-    tmp_path: Path, own_pg: EmbeddedPostgres, aio_loop: None
+    tmp_path: Path, own_pg: EmbeddedPostgres
 ) -> None:
     rounds = 6
     async with _rig(tmp_path, own_pg) as rig:
@@ -233,7 +231,7 @@ async def test_terminated_pool_connections_under_load(
 
 
 async def test_terminated_idle_connections_fail_no_request(
-    tmp_path: Path, own_pg: EmbeddedPostgres, aio_loop: None
+    tmp_path: Path, own_pg: EmbeddedPostgres
 ) -> None:
     """Connections killed while idle in the pool are never handed to a later request.
 

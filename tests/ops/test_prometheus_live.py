@@ -159,7 +159,7 @@ async def _locust(url: str, seconds: int, out: Path) -> AsyncIterator[None]:
 
 
 async def test_dashboard_and_alerts_against_a_live_server(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, aio_loop: None
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     with open_embedded(tmp_path_factory.mktemp("prom-pg")) as pg:
         await trio.to_thread.run_sync(migrate.upgrade, pg.dsn)

@@ -14,7 +14,7 @@ from tests.conftest import make_settings
 
 
 async def test_an_open_llm_circuit_is_reported_without_failing_readiness(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     async with open_fake_llm() as fake:
         fake.configure(fail_next=100, status=503)

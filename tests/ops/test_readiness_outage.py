@@ -48,7 +48,7 @@ async def _poll_readyz(client: httpx.AsyncClient, want: int) -> httpx.Response:
 
 
 async def test_readiness_follows_a_database_outage(
-    tmp_path: Path, own_postgres: tuple[str, Path], aio_loop: None
+    tmp_path: Path, own_postgres: tuple[str, Path]
 ) -> None:
     dsn, pgdata = own_postgres
     sockets = pgcontrol.socket_dir(pgdata)
@@ -103,7 +103,7 @@ async def test_readiness_follows_a_database_outage(
 
 
 async def test_readiness_follows_a_database_that_stops_answering(
-    tmp_path: Path, own_postgres: tuple[str, Path], aio_loop: None
+    tmp_path: Path, own_postgres: tuple[str, Path]
 ) -> None:
     """A hung database (not a refused one): probes answer 503 within their time limit."""
     dsn, pgdata = own_postgres

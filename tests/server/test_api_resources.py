@@ -370,9 +370,7 @@ async def test_usage_and_spend_this_month(api: Api, server: RunningServer) -> No
     assert (await api.send(tid, "one more", reply=True)).status_code == 201
 
 
-async def test_idempotent_send_survives_a_restart(
-    settings: Settings, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_idempotent_send_survives_a_restart(settings: Settings, pg_dsn: str) -> None:
     async with open_server(settings, pg_dsn, bind="127.0.0.1:0") as first:
         async with httpx.AsyncClient(base_url=first.url, timeout=10) as http:
             api = await new_api(first, http)

@@ -100,7 +100,7 @@ async def test_login_sets_the_contract_cookies(client: httpx.AsyncClient) -> Non
     assert me.status_code == 401
 
 
-async def test_secure_cookies_in_production(tmp_path: Path, pg_dsn: str, aio_loop: None) -> None:
+async def test_secure_cookies_in_production(tmp_path: Path, pg_dsn: str) -> None:
     settings = make_settings(tmp_path, env="production")
     async with (
         open_server(settings, pg_dsn, bind="127.0.0.1:0") as running,
@@ -178,7 +178,7 @@ async def test_register_refuses_non_json(client: httpx.AsyncClient) -> None:
 
 
 async def test_password_hash_is_upgraded_when_parameters_change(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     email = _email()
     weak = make_settings(tmp_path / "a")
@@ -224,9 +224,7 @@ async def test_create_user_with_token_helper(
 
 
 @pytest.fixture
-async def single_user_server(
-    tmp_path: Path, scratch_dsn: str, aio_loop: None
-) -> AsyncIterator[RunningServer]:
+async def single_user_server(tmp_path: Path, scratch_dsn: str) -> AsyncIterator[RunningServer]:
     """A single-user server on its own empty database (the shared one already has users)."""
     migrate.upgrade(scratch_dsn)
     settings = make_settings(tmp_path, single_user=True)

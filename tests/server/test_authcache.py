@@ -194,9 +194,7 @@ async def test_logout_on_one_node_is_refused_by_another_within_the_bound(
     assert user.id
 
 
-async def test_bound_zero_checks_every_request_in_the_database(
-    pg_dsn: str, aio_loop: None, tmp_path: Path
-) -> None:
+async def test_bound_zero_checks_every_request_in_the_database(pg_dsn: str, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, auth_revocation_bound_s=0)
     async with (
         open_server(settings, pg_dsn, bind="127.0.0.1:0") as node,

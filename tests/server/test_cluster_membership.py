@@ -27,7 +27,7 @@ async def _readyz(url: str) -> dict[str, object]:
 
 
 async def test_two_servers_see_each_other_and_a_stopped_one_leaves(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     a_settings = make_settings(tmp_path / "a", node_id="node-a-" + uuid.uuid4().hex[:6])
     b_settings = make_settings(tmp_path / "b", node_id="node-b-" + uuid.uuid4().hex[:6])

@@ -64,14 +64,14 @@ async def test_cancelled_unit_of_work_commits_nothing(db: Database) -> None:
         assert not conn.is_in_transaction()
 
 
-async def test_statement_timeout_is_enforced(pg_dsn: str, aio_loop: None) -> None:
+async def test_statement_timeout_is_enforced(pg_dsn: str) -> None:
     async with Database.connect(pg_dsn, min_size=1, max_size=1, statement_timeout_ms=100) as short:
         with pytest.raises(asyncpg.QueryCanceledError):
             await short.fetchval("SELECT pg_sleep(2)")
         assert await short.fetchval("SELECT 1") == 1
 
 
-async def test_exhausted_pool_is_unavailable_not_a_hang(pg_dsn: str, aio_loop: None) -> None:
+async def test_exhausted_pool_is_unavailable_not_a_hang(pg_dsn: str) -> None:
     async with Database.connect(pg_dsn, min_size=1, max_size=1) as tiny:
         async with tiny.connection():
             with pytest.raises(Unavailable):

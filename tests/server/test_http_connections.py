@@ -79,9 +79,7 @@ async def test_connections_closed_by_the_client_leave_no_close_wait(server: Runn
     await until(lambda: server_sockets(port, psutil.CONN_ESTABLISHED) == 0)
 
 
-async def test_idle_and_half_finished_connections_are_closed(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_idle_and_half_finished_connections_are_closed(tmp_path: Path, pg_dsn: str) -> None:
     async with server_with(tmp_path, pg_dsn, http_keep_alive_timeout_s=1.0) as server:
         host, port = address(server)
         idle = await trio.open_tcp_stream(host, port)
@@ -111,7 +109,7 @@ async def test_idle_and_half_finished_connections_are_closed(
 
 
 async def test_a_refusal_before_the_body_keeps_the_keep_alive_connection(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     # Login costs 5 tokens of a burst of 5: the second login from this address is refused (429).
     async with server_with(tmp_path, pg_dsn, ip_rate_limit_burst=5, ip_rate_limit_per_s=0.01) as s:

@@ -65,7 +65,7 @@ def refused_for(response: httpx.Response) -> float:
 
 
 async def test_guessing_from_many_addresses_is_delayed_and_the_owner_still_gets_in(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     async with (
         node(tmp_path, pg_dsn) as server,
@@ -96,7 +96,7 @@ async def test_guessing_from_many_addresses_is_delayed_and_the_owner_still_gets_
             assert (await attempt(http, email, f"again-{i}", i)).status_code == 401
 
 
-async def test_the_delay_doubles_and_is_capped(tmp_path: Path, pg_dsn: str, aio_loop: None) -> None:
+async def test_the_delay_doubles_and_is_capped(tmp_path: Path, pg_dsn: str) -> None:
     async with (
         node(
             tmp_path, pg_dsn, login_free_attempts=1, login_delay_base_s=0.2, login_delay_max_s=0.5
@@ -121,9 +121,7 @@ async def test_the_delay_doubles_and_is_capped(tmp_path: Path, pg_dsn: str, aio_
         assert delays == [0.2, 0.4, 0.5, 0.5]  # doubling, then capped
 
 
-async def test_unknown_accounts_are_throttled_alike(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_unknown_accounts_are_throttled_alike(tmp_path: Path, pg_dsn: str) -> None:
     # Otherwise a 429 would tell which addresses have an account.
     async with (
         node(tmp_path, pg_dsn) as server,
@@ -136,7 +134,7 @@ async def test_unknown_accounts_are_throttled_alike(
 
 
 async def test_the_throttle_holds_across_nodes_and_concurrent_guesses(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     slow = {"login_delay_base_s": 30.0, "login_delay_max_s": 60.0}
     async with (
@@ -173,9 +171,7 @@ async def test_the_schema_caps_the_delay(db: Any) -> None:
         await db.fetchval("INSERT INTO login_throttle VALUES ($1, 0, now(), now())", key)
 
 
-async def test_a_known_device_is_not_locked_out_by_strangers(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_a_known_device_is_not_locked_out_by_strangers(tmp_path: Path, pg_dsn: str) -> None:
     slow = {"login_delay_base_s": 30.0, "login_delay_max_s": 60.0}
     async with (
         node(tmp_path, pg_dsn, **slow) as server,

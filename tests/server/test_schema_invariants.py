@@ -15,7 +15,7 @@ from server.db import Database, Tx
 
 
 @pytest.fixture
-async def fresh(scratch_dsn: str, aio_loop: None) -> AsyncIterator[Database]:
+async def fresh(scratch_dsn: str) -> AsyncIterator[Database]:
     """A database of its own at head, so whole-table invariants can be tested."""
     migrate.upgrade(scratch_dsn)
     async with Database.connect(scratch_dsn, min_size=1, max_size=2) as database:

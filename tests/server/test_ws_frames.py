@@ -85,7 +85,7 @@ def stalled_connections(server: RunningServer, before: set[int]) -> list[Connect
 
 
 async def test_every_subscriber_gets_the_same_bytes_for_a_shared_frame(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     # Pings every 20 ms interleave with the burst: a frame split by anything would not parse.
     async with server_with(
@@ -181,7 +181,7 @@ async def _stalled_run(server: RunningServer, text_size: int, bound: int) -> Non
 
 
 async def test_byte_bound_drops_a_stalled_client_fed_large_frames(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     bound = 256 * 1024
     # The frame bound is far away: only the byte bound can end this client.
@@ -192,7 +192,7 @@ async def test_byte_bound_drops_a_stalled_client_fed_large_frames(
 
 
 async def test_byte_bound_drops_a_stalled_client_fed_small_frames(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     bound = 64 * 1024
     async with server_with(
@@ -202,7 +202,7 @@ async def test_byte_bound_drops_a_stalled_client_fed_small_frames(
 
 
 async def test_a_stalled_client_reads_whole_frames_then_its_close_code(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     """Frames half written when the queue overflowed are completed before the close frame."""
     async with server_with(tmp_path, pg_dsn, ws_outbound_queue_bytes=128 * 1024) as server:

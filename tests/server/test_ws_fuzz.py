@@ -40,9 +40,7 @@ def test_hostile_frames_get_the_right_close_and_leave_nothing_behind(pg_dsn: str
     assert figures["rss_growth_mb"] < 30
 
 
-async def test_a_ping_flood_is_rate_limited_like_ops(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_a_ping_flood_is_rate_limited_like_ops(tmp_path: Path, pg_dsn: str) -> None:
     # Every Ping costs the server a Pong: pings are charged like ops, and a flood ends 4029.
     settings = make_settings(
         tmp_path, rate_limit_per_s=5.0, rate_limit_burst=20, ws_abuse_strikes=10

@@ -39,7 +39,7 @@ def disconnects(reason: str) -> float:
 
 
 async def test_stalled_client_is_closed_4002_and_others_keep_receiving(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     # The frame bound on its own (the byte bound has tests of its own in test_ws_frames.py):
     # the healthy client here reads in the server's own process, 60 KB frames at ~24 MB/s.
@@ -114,7 +114,7 @@ async def test_oversized_frame_closes_1009(server: RunningServer) -> None:
     await until(lambda: not realtime(server).connections)
 
 
-async def test_rate_limit_refusals_then_4029(tmp_path: Path, pg_dsn: str, aio_loop: None) -> None:
+async def test_rate_limit_refusals_then_4029(tmp_path: Path, pg_dsn: str) -> None:
     async with server_with(
         tmp_path, pg_dsn, rate_limit_per_s=1, rate_limit_burst=5, ws_abuse_strikes=10
     ) as server:
@@ -135,7 +135,7 @@ async def test_rate_limit_refusals_then_4029(tmp_path: Path, pg_dsn: str, aio_lo
 
 
 async def test_handshakes_are_rate_limited_per_ip_with_retry_after(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
+    tmp_path: Path, pg_dsn: str
 ) -> None:
     async with server_with(
         tmp_path, pg_dsn, ip_rate_limit_per_s=0.01, ip_rate_limit_burst=3
@@ -158,9 +158,7 @@ async def test_handshakes_are_rate_limited_per_ip_with_retry_after(
         assert metrics.RATE_LIMITED.labels(transport="ws")._value.get() - limited == 2
 
 
-async def test_heartbeat_pings_go_out_and_pongs_come_back(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_heartbeat_pings_go_out_and_pongs_come_back(tmp_path: Path, pg_dsn: str) -> None:
     async with server_with(
         tmp_path, pg_dsn, heartbeat_interval_s=0.05, heartbeat_timeout_s=5
     ) as server:
@@ -173,9 +171,7 @@ async def test_heartbeat_pings_go_out_and_pongs_come_back(
             assert conn.close_code is None
 
 
-async def test_thousand_connections_leave_nothing_behind(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_thousand_connections_leave_nothing_behind(tmp_path: Path, pg_dsn: str) -> None:
     async with server_with(
         tmp_path,
         pg_dsn,
@@ -276,9 +272,7 @@ async def test_permessage_deflate_is_declined(server: RunningServer) -> None:
     await stream.aclose()
 
 
-async def test_client_that_never_pongs_is_closed_4003(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_client_that_never_pongs_is_closed_4003(tmp_path: Path, pg_dsn: str) -> None:
     async with server_with(
         tmp_path, pg_dsn, heartbeat_interval_s=0.1, heartbeat_timeout_s=0.3
     ) as server:
@@ -344,9 +338,7 @@ async def test_logout_closes_the_sockets_opened_with_that_token(server: RunningS
         assert await client.wait_closed() == (4001, "token_revoked")
 
 
-async def test_invalid_frames_are_rate_limited_too(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_invalid_frames_are_rate_limited_too(tmp_path: Path, pg_dsn: str) -> None:
     async with server_with(
         tmp_path, pg_dsn, rate_limit_per_s=1, rate_limit_burst=5, ws_abuse_strikes=10
     ) as server:

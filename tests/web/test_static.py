@@ -39,7 +39,7 @@ async def _client(tmp_path: Path, pg_dsn: str, web_dir: Path) -> AsyncIterator[h
 
 
 @pytest.fixture
-async def web(tmp_path: Path, pg_dsn: str, aio_loop: None) -> AsyncIterator[httpx.AsyncClient]:
+async def web(tmp_path: Path, pg_dsn: str) -> AsyncIterator[httpx.AsyncClient]:
     async for http in _client(tmp_path, pg_dsn, _build(tmp_path)):
         yield http
 
@@ -104,9 +104,7 @@ async def test_missing_files_and_paths_outside_the_build_are_not_found(
         assert response.text == INDEX or response.status_code == 404, path
 
 
-async def test_without_a_build_root_says_how_to_build_it(
-    tmp_path: Path, pg_dsn: str, aio_loop: None
-) -> None:
+async def test_without_a_build_root_says_how_to_build_it(tmp_path: Path, pg_dsn: str) -> None:
     async for http in _client(tmp_path, pg_dsn, tmp_path / "not-built"):
         response = await http.get("/")
         assert response.status_code == 503
