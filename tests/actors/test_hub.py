@@ -12,7 +12,7 @@ import trio.testing
 
 from actors.frames import Frame
 from actors.hub import Hub
-from actors.thread import DropReason, Inflight, Reply, Subscribe, ThreadStart
+from actors.thread import FAN_OUT_SLICE, DropReason, Inflight, Reply, Subscribe, ThreadStart
 from server.errors import Unavailable
 from server.events import ThreadEvent
 
@@ -426,3 +426,44 @@ async def test_events_committed_but_never_published_are_delivered_by_reconciliat
         await trio.sleep(1.0)  # one reconciliation later
         assert sub.seqs() == [1, 2]
         nursery.cancel_scope.cancel()
+
+
+class FirstSub(Sub):
+    """Sets ``reached`` when the first frame is offered to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = trio.Event()
+
+    def offer(self, frame: Frame) -> bool:
+        self.reached.set()
+        return super().offer(frame)
+
+
+async def test_a_large_fan_out_lets_others_run_between_slices(hub: Hub, memlog: MemoryLog) -> None:
+    """More than FAN_OUT_SLICE subscribers: the actor yields between slices (other tasks run
+    while an event goes out), every subscriber still gets each event once and in order, and
+    one that leaves between two slices gets nothing more."""
+    first = FirstSub()
+    subs = [first, *(Sub() for _ in range(2 * FAN_OUT_SLICE + 500))]
+    for sub in subs:
+        await subscribe(hub, sub)
+    leaver = subs[-1]
+    seen_mid_fan_out: list[int] = []
+
+    async def meanwhile() -> None:
+        await first.reached.wait()  # woken by the first offer of the first event
+        seen_mid_fan_out.append(sum(1 for sub in subs if sub.frames))
+        # A closing connection leaves mid-event, the way Hub.forget does when the actor's
+        # mailbox is full: straight out of the actor's subscribers.
+        hub.actors[T].subscribers.pop(leaver)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(meanwhile)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            hub.publish(memlog.append(T))
+    await trio.testing.wait_all_tasks_blocked()
+    assert 0 < seen_mid_fan_out[0] < len(subs), seen_mid_fan_out  # ran in the middle
+    assert leaver.frames == []
+    assert all(sub.seqs() == [1, 2, 3] for sub in subs[:-1])
