@@ -48,9 +48,20 @@ class ReadyLog:
     """Every /readyz answer, polled every 0.1 s: (trio time, status, body)."""
 
     seen: list[tuple[float, int, dict[str, object]]] = field(default_factory=list)
+    answered: trio.Event = field(default_factory=trio.Event)  # set at each answer, then renewed
 
     def first(self, status: int, after: float) -> float | None:
         return next((t for t, s, _ in self.seen if s == status and t >= after), None)
+
+    async def wait_for(self, status: int, after: float) -> None:
+        """Wait until an answer with ``status`` has been seen at or after ``after``.
+
+        The rig stops polling when it closes, which can be well before readiness is back (the
+        sends resume as soon as the pool reconnects; the cluster check also waits for the
+        broker's own reconnection): the fault tests wait for it here before leaving the rig.
+        """
+        while self.first(status, after) is None:
+            await self.answered.wait()
 
     async def poll(self, url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=5.0) as http:
@@ -61,6 +72,8 @@ class ReadyLog:
                     pass
                 else:
                     self.seen.append((trio.current_time(), response.status_code, response.json()))
+                    self.answered.set()
+                    self.answered = trio.Event()
                 await trio.sleep(0.1)  # poll interval
 
 
@@ -119,6 +132,17 @@ def _kill_all(pgdata: Path) -> int:
     return pid
 
 
+async def _watch_readiness(rig: Rig, fault_at: float, recovered_at: float) -> None:
+    """Keep the rig (and its readiness poller) up until /readyz has gone 503 and back to 200.
+
+    Bounded well beyond the limits so that a late answer is reported by the limit assertions
+    (with its figure), not by this wait; ``_readiness_figures`` then fails if one never came.
+    """
+    with trio.move_on_after(READY_DOWN_LIMIT_S + READY_UP_LIMIT_S + 10):
+        await rig.ready.wait_for(503, fault_at)
+        await rig.ready.wait_for(200, recovered_at)
+
+
 def _readiness_figures(rig: Rig, fault_at: float, recovered_at: float) -> tuple[float, float]:
     down = rig.ready.first(503, fault_at)
     assert down is not None, "readiness never turned 503"
@@ -139,6 +163,7 @@ async def test_sends_survive_a_frozen_database(tmp_path: Path, own_pg: EmbeddedP
         recovered_at = trio.current_time()
         await rig.load.wait_acked(rig.load.total_acked + 2 * CLIENTS)
         await rig.load.wait_acked(before + 4 * CLIENTS)
+        await _watch_readiness(rig, fault_at, recovered_at)
     down_s, up_s = _readiness_figures(rig, fault_at, recovered_at)
     counts = await trio.to_thread.run_sync(verify, own_pg.dsn, rig.thread_ids, rig.load)
     record(
@@ -167,6 +192,7 @@ async def test_sends_survive_a_killed_database_restarted_by_the_server(
         assert own_pg.restarts == 1 and own_pg.is_running()
         assert pgcontrol_pid(own_pg.pgdata) != old_pid
         await rig.load.wait_acked(rig.load.total_acked + 2 * CLIENTS)
+        await _watch_readiness(rig, fault_at, recovered_at)
     down_s, up_s = _readiness_figures(rig, fault_at, recovered_at)
     # While it was down, /readyz said why.
     down_bodies = [body for _, status, body in rig.ready.seen if status == 503]
