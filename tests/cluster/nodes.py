@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 
 from tests.ops import pgcontrol
 
@@ -52,13 +53,38 @@ class Node:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
-    def logs(self) -> list[dict[str, Any]]:
-        """The node's JSON log lines so far."""
+    def logs(self, after: int = 0) -> list[dict[str, Any]]:
+        """The node's JSON log lines so far (those written after byte ``after``, if given)."""
         lines = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
+        with self.log_path.open("rb") as f:
+            f.seek(after)
+            text = f.read().decode(errors="replace")
+        for line in text.splitlines():
             with contextlib.suppress(json.JSONDecodeError):
                 lines.append(json.loads(line))
         return lines
+
+    def log_size(self) -> int:
+        """Where the log ends now: pass it to ``logs`` or ``wait_for_logs`` as ``after``."""
+        return self.log_path.stat().st_size
+
+    async def wait_for_logs(
+        self, *events: str, after: int = 0, timeout_s: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """Wait until each of ``events`` is in the node's log after byte ``after``; those lines.
+
+        The node writes its log as things happen, in another process: a line about something
+        whose effect the test has already seen may come a little later (the events of a lost
+        connection can arrive by reconciliation before the broker has logged the loss and the
+        reconnection). A file growing in another process has no event to wait on here: polled,
+        bounded.
+        """
+        with trio.fail_after(timeout_s):
+            while True:
+                lines = self.logs(after)
+                if set(events) <= {line.get("event") for line in lines}:
+                    return lines
+                await trio.sleep(0.05)  # poll interval
 
     def alive(self) -> bool:
         return self.proc.poll() is None
