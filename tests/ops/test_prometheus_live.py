@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,32 @@ def test_rules_copy(tmp_path: Path) -> Path:
 test_rules_copy.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+@dataclass
+class Prometheus:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    async def wait_ready(self, prom: httpx.AsyncClient, timeout: float = 60.0) -> None:
+        """Wait until its ``/-/ready`` says 200 (fail at once if it exits).
+
+        Until then it listens but answers every API call with 503 and a plain-text "Service
+        Unavailable" (its TSDB is still opening: seconds on a loaded machine). Another process's
+        readiness has no event to wait on: polled, bounded.
+        """
+        with trio.fail_after(timeout):
+            while True:
+                if self.proc.poll() is not None:
+                    pytest.fail(f"prometheus exited: {self.log_path.read_text()[-2000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await prom.get("/-/ready")).status_code == 200:
+                        return
+                await trio.sleep(0.1)  # poll interval
+
+
 @contextlib.contextmanager
-def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
-    """Prometheus scraping ``target`` every second; yields its base URL."""
+def prometheus(tmp_path: Path, target: str) -> Iterator[Prometheus]:
+    """Prometheus scraping ``target`` every second (started, not yet ready: ``wait_ready``)."""
     binary = shutil.which("prometheus")
     if binary is None:
         reason = "prometheus is not installed: `make tools` installs Debian's package"
@@ -87,7 +111,8 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
         "scrape_configs": [{"job_name": "threadline", "static_configs": [{"targets": [target]}]}],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    log = (tmp_path / "prometheus.log").open("w")
+    log_path = tmp_path / "prometheus.log"
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [
             binary,
@@ -99,7 +124,7 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield Prometheus(f"http://127.0.0.1:{port}", proc, log_path)
     finally:
         proc.terminate()
         try:
@@ -126,6 +151,10 @@ def _rule_exprs() -> list[tuple[str, str]]:
 
 async def _query(prom: httpx.AsyncClient, expr: str) -> dict[str, Any]:
     response = await prom.get("/api/v1/query", params={"query": expr})
+    # Its API answers JSON, errors included; anything else (a proxy's or a not-ready page) is
+    # shown as it came rather than as a JSONDecodeError.
+    is_json = response.headers.get("content-type", "").startswith("application/json")
+    assert is_json, (expr, response.status_code, response.text[:500])
     body: dict[str, Any] = response.json()
     assert body["status"] == "success", (expr, body)
     return body
@@ -174,17 +203,13 @@ async def test_dashboard_and_alerts_against_a_live_server(
             )  # fmt: skip
             async with open_server(settings, pg.dsn, bind="127.0.0.1:0", embedded=pg) as running:
                 target = running.url.removeprefix("http://")
-                with prometheus(tmp_path, target) as prom_url:
+                with prometheus(tmp_path, target) as prom_process:
                     async with (
-                        httpx.AsyncClient(base_url=prom_url, timeout=10) as prom,
+                        httpx.AsyncClient(base_url=prom_process.url, timeout=10) as prom,
                         httpx.AsyncClient(base_url=running.url, timeout=10) as http,
                     ):
-                        with trio.fail_after(30):  # Prometheus starts, then scrapes
-                            while True:
-                                with contextlib.suppress(httpx.TransportError):
-                                    await _wait_until(prom, 'up{job="threadline"} == 1')
-                                    break
-                                await trio.sleep(0.2)
+                        await prom_process.wait_ready(prom)
+                        await _wait_until(prom, 'up{job="threadline"} == 1', timeout=30)
                         async with _locust(running.url, 8, tmp_path):
                             await _faults(running, fake, http, prom, pg.pgdata)
                         await _check_everything(prom)
