@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Protocol
 
 import trio
@@ -27,6 +28,41 @@ class ReplyHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class StartedReply:
+    """A reply its send started in the same statement (``tl_send_and_start``): written,
+    reserved and committed; what is left is the provider's request."""
+
+    seq: int  # the reply's seq: the send's + 1
+    message: dict[str, Any]  # the assistant message (``message_to_dict``'s)
+    summary: str | None  # the summary in the prompt
+    turns: list[tuple[str, str]]  # (role, content) of the turns that fit, newest first
+    prompt_tokens: int  # the prompt's tokens as the database counted them (reserved for)
+    whole: bool  # every turn since the summary fits (none left out)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyStart:
+    """What ``tl_send_and_start`` needs to start a reply in the send's statement (given by the
+    assistant: its model, claim, prices and the prompt's fixed costs)."""
+
+    tokens: int  # the sent message's ``content_tokens``
+    start: bool  # start the reply in the statement (False: the thread has requests queued here)
+    head_tokens: int
+    summary_overhead: int
+    user_overhead: int
+    assistant_overhead: int
+    prompt_budget: int
+    price_prompt: Decimal
+    price_completion: Decimal
+    max_reply: int
+    model: str
+    claimed_by: str | None
+    refuse: str | None  # decided before (content_filtered)
+    refuse_text: str | None
+    budget_text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReplyRequest:
     """Ask the assistant to answer ``user_message_id`` in ``thread_id`` (after its commit)."""
 
@@ -36,6 +72,8 @@ class ReplyRequest:
     requested_by: str  # user id
     # Read by the send (None: the start reads it itself); see ``ReplyHistory``.
     history: ReplyHistory | None = None
+    # Started by the send (``StartedReply``): only the provider's request is left.
+    started: StartedReply | None = None
 
 
 class Assistant(Protocol):

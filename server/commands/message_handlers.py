@@ -21,7 +21,7 @@ from server.errors import (
     ValidationFailed,
     VersionConflict,
 )
-from server.services import ReplyHistory, ReplyRequest
+from server.services import ReplyHistory, ReplyRequest, ReplyStart, StartedReply
 from server.storage import assistant as assistant_store
 from server.storage import messages
 
@@ -50,23 +50,44 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
     ``client_msg_id`` already used in the thread returns that message (``created=False``) if the
     content matches, else ``IdempotencyConflict``. With ``reply`` and a project budget already
     spent this month, ``BudgetExceeded`` and nothing is written. The assistant is asked to reply
-    after commit.
+    after commit; with an assistant, the statement is ``tl_send_and_start`` (migration 0014),
+    which usually starts the reply itself (written, reserved, committed with the message), or
+    refuses it (its failed message and event), or returns the history to start it from.
     """
     _check_length(ctx, cmd.content)
     thread_id = require_id(cmd.thread_id)
     assistant = ctx.services.assistant
     replying = cmd.reply and assistant is not None
-    row = await messages.send(
-        ctx.tx,
-        author_id=ctx.user_id,
-        thread_id=thread_id,
-        content=cmd.content,
-        client_msg_id=cmd.client_msg_id,
-        reply=cmd.reply,
-        # The reply's prompt material, read under the send's thread lock: the reply's start
-        # is then one statement (``tl_start_reply``) instead of two trips.
-        history=assistant_store.HISTORY_LIMIT if replying else None,
-    )
+    planner = getattr(assistant, "plan_start", None)
+    start: ReplyStart | None = None
+    if assistant is not None and planner is not None:
+        # The send and its reply's start in one statement (``tl_send_and_start``): the reply
+        # is written, reserved and committed with the message; its worker only calls the
+        # provider.
+        start = planner(thread_id, cmd.content, replying)
+        assert start is not None
+        row = await messages.send_and_start(
+            ctx.tx,
+            author_id=ctx.user_id,
+            thread_id=thread_id,
+            content=cmd.content,
+            client_msg_id=cmd.client_msg_id,
+            reply=cmd.reply,
+            history=assistant_store.HISTORY_LIMIT,
+            start=start,
+        )
+    else:
+        row = await messages.send(
+            ctx.tx,
+            author_id=ctx.user_id,
+            thread_id=thread_id,
+            content=cmd.content,
+            client_msg_id=cmd.client_msg_id,
+            reply=cmd.reply,
+            # The reply's prompt material, read under the send's thread lock: the reply's
+            # start is then one statement (``tl_start_reply``) instead of two trips.
+            history=assistant_store.HISTORY_LIMIT if replying else None,
+        )
     outcome = row["outcome"]
     if outcome == "not_found":
         raise NotFound("No such thread.")
@@ -83,8 +104,37 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
         )
     if outcome == "existing":
         return CommandResult(data, created=False)
-    ctx.written(thread_id, "message.created", int(row["seq"]), data)
+    seq = int(row["seq"])
+    ctx.written(thread_id, "message.created", seq, data)
     if replying and assistant is not None:
+        reply = row["reply"] if start is not None else None
+        started: StartedReply | None = None
+        if reply == "started":
+            message = json.loads(row["reply_message"])
+            ctx.written(thread_id, "message.created", seq + 1, message)
+            started = StartedReply(
+                seq=seq + 1,
+                message=message,
+                summary=row["summary"],
+                turns=[(str(role), str(content)) for role, content in row["turns"]],
+                prompt_tokens=int(row["prompt_tokens"]),
+                whole=bool(row["whole"]),
+            )
+        elif reply is not None and reply not in ("busy", "fallback"):
+            # Refused by the statement (budget, content filter): written, no provider call.
+            assert start is not None
+            message = json.loads(row["reply_message"])
+            ctx.written(thread_id, "message.created", seq + 1, message)
+            failed = {
+                "message_id": message["id"],
+                "content": "",
+                "status": "failed",
+                "reason": reply,
+                "message": start.budget_text if reply == "budget_exceeded" else start.refuse_text,
+            }
+            ctx.written(thread_id, "assistant.failed", seq + 2, failed)
+            log.info("assistant.refused", thread_id=thread_id, reason=reply)
+            return CommandResult(data, created=True)
         turns = row["turns"]
         request = ReplyRequest(
             thread_id=thread_id,
@@ -92,13 +142,14 @@ async def send_message(ctx: CommandContext, cmd: SendMessage) -> CommandResult:
             user_message_id=data["id"],
             requested_by=ctx.user_id,
             history=None
-            if turns is None
+            if turns is None or started is not None or reply == "busy"
             else ReplyHistory(
-                seq=int(row["seq"]) + 1,
+                seq=seq + 1,
                 asked=cmd.content,
                 summary=row["summary"],
                 turns=[(str(role), str(content)) for role, content in turns],
             ),
+            started=started,
         )
         ctx.after_commit.append(lambda: assistant.start_reply(request))
     return CommandResult(data, created=True)

@@ -14,6 +14,9 @@ A reply, for one ``ReplyRequest``:
    COMMIT in the same trip; it writes nothing if anything was written in the thread since the
    send (then the start runs as below). Its provider request goes out once it has committed, so
    the first token never waits for a COMMIT.
+   Since migration 0014 a send usually starts its reply itself, in its own statement
+   (``tl_send_and_start``, see ``plan_start``): the request then carries ``started`` and the
+   start here only builds the prompt from the turns the statement chose and launches the call.
    Otherwise (a reply requested without history, or a stale one) the start is two trips: lock
    and read, then ``tl_insert_reply`` with its COMMIT; the provider call starts (a child task)
    before that COMMIT, so the request travels while the commit flushes; its text waits for the
@@ -71,9 +74,18 @@ from server.events import ThreadEvent
 from server.llm import pricing, tokens
 from server.llm.client import LLMClient, LLMError
 from server.llm.coalesce import DeltaCoalescer
-from server.llm.prompt import ContentFiltered, Prompt, Turn, build_prompt, check_content
+from server.llm.prompt import (
+    ContentFiltered,
+    Prompt,
+    PromptCosts,
+    Turn,
+    build_prompt,
+    check_content,
+    message_tokens,
+    prompt_costs,
+)
 from server.llm.provider import Completion, OnText, Usage
-from server.services import ReplyHistory, ReplyRequest, Services
+from server.services import ReplyHistory, ReplyRequest, ReplyStart, Services, StartedReply
 from server.storage import assistant as store
 
 log = structlog.get_logger(__name__)
@@ -152,6 +164,8 @@ class _Started:
     model: str
     # The prompt holds every turn since the latest summary (none was cut for length).
     whole_history: bool = False
+    # A reply its send started, refused before its call (it ends ``failed`` with this reason).
+    refused: str | None = None
 
 
 class AssistantService:
@@ -178,6 +192,7 @@ class AssistantService:
         self._active: dict[str, _Reply] = {}
         self._spawned_at: dict[str, float] = {}  # workers asked for but not yet running
         self._closing = False
+        self._costs: PromptCosts | None = None  # the prompt's fixed costs (settings are fixed)
         self.save_interval_s = _SAVE_INTERVAL_S  # how often a streaming reply's text is saved
         # How long replies in flight may go on finishing at shutdown (see ``shutdown``).
         self.reply_drain_s = self.settings.graceful_timeout_s * _DRAIN_SHARE
@@ -191,15 +206,53 @@ class AssistantService:
 
     # -- the Assistant protocol ----------------------------------------------------------------
 
+    def plan_start(self, thread_id: str, content: str, replying: bool) -> ReplyStart:
+        """What a send passes to ``tl_send_and_start`` to start its reply in its own statement:
+        the message's token count, the prompt's fixed costs, the prices, the claim and a
+        refusal decided here (the content filter). The reply is started there only if no
+        request of the thread is queued here (it would start behind them)."""
+        settings = self.settings
+        model = self.llm.model
+        refuse: str | None = None
+        if replying:
+            try:
+                check_content(settings, content)
+            except ContentFiltered:
+                refuse = "content_filtered"
+        price = settings.price_for(model)
+        costs = self._costs
+        if costs is None:
+            costs = self._costs = prompt_costs(settings)
+        return ReplyStart(
+            tokens=message_tokens(settings, content),
+            start=replying and not self._closing and thread_id not in self._queues,
+            head_tokens=costs.head,
+            summary_overhead=costs.summary_overhead,
+            user_overhead=costs.user_overhead,
+            assistant_overhead=costs.assistant_overhead,
+            prompt_budget=costs.budget,
+            price_prompt=Decimal(str(price.prompt_per_1k)),
+            price_completion=Decimal(str(price.completion_per_1k)),
+            max_reply=settings.llm_max_reply_tokens,
+            model=model,
+            claimed_by=self.incarnation,
+            refuse=refuse,
+            refuse_text=None if refuse is None else self._failure_text(refuse),
+            budget_text=self._failure_text("budget_exceeded"),
+        )
+
     def start_reply(self, request: ReplyRequest) -> None:
-        """Queue a reply for the thread; start the thread's worker if none is running."""
+        """Queue a reply for the thread; start the thread's worker if none is running.
+
+        A reply its send started (``request.started``) is already written: refusing it ends it
+        (``failed``, with the refusal's reason) instead of writing a refused message."""
         if self._closing:
             self._refuse_soon(request, "unavailable")
             return
         thread_id = request.thread_id
         queue = self._queues.get(thread_id)
         if queue is not None:
-            if len(queue) >= _QUEUE_LIMIT:
+            if len(queue) >= _QUEUE_LIMIT and request.started is None:
                 self._refuse_soon(request, "overloaded")
                 return
             # Behind another reply, whose start and end will write in the thread: the history
@@ -390,7 +443,10 @@ class AssistantService:
         async def record() -> None:
             with trio.CancelScope(shield=True), trio.move_on_after(_FINAL_WRITE_TIMEOUT_S):
                 try:
-                    await self._start(request, refuse=reason)
+                    started = await self._start(request, refuse=reason)
+                    if started is not None and started.refused is not None:
+                        # Started by its send, so already written: end it.
+                        await self._finish(request, started, "failed", "", None, started.refused)
                 except (LookupError, ThreadlineError) as exc:
                     log.warning("assistant.refusal_not_recorded", error=type(exc).__name__)
 
@@ -442,6 +498,10 @@ class AssistantService:
         finally:
             if self._queues.get(thread_id) is queue:
                 del self._queues[thread_id]
+            # Replies their sends started are written: one left behind at shutdown is ended.
+            for request in queue:
+                if request.started is not None:
+                    self._refuse_soon(request, "unavailable")
 
     # -- one reply -----------------------------------------------------------------------------
 
@@ -541,7 +601,25 @@ class AssistantService:
                 if self._closing:  # shutting down: it would wait past the drain
                     self._refuse_soon(reply.request, "unavailable")
                     return None
+                if self._behind_started(reply.request):
+                    return None  # the reply streaming is one queued here: it runs first
                 await self._wait_for_slot(reply)
+
+    def _behind_started(self, request: ReplyRequest) -> bool:
+        """A reply its send started may be queued behind a request that has not started (the
+        send raced a request queued meanwhile): the thread is then busy with it, so the request
+        waiting would wait for ever. Move the started one to run next and this request after
+        it (the worker drops the current entry when this returns); True if it did."""
+        queue = self._queues.get(request.thread_id)
+        if queue is None:
+            return False
+        for i, queued in enumerate(queue):
+            if i > 0 and queued.started is not None:
+                del queue[i]
+                queue.insert(1, queued)
+                queue.insert(2, request)
+                return True
+        return False
 
     async def _wait_for_slot(self, reply: _Reply) -> None:
         """Wait until the thread's reply on another node ends (or a second passes).
@@ -578,6 +656,8 @@ class AssistantService:
         provider's request while the commit takes its round trip and WAL flush; the caller
         publishes nothing of the call until this returns.
         """
+        if request.started is not None:
+            return self._start_started(request, request.started, refuse, launch)
         if refuse is None and request.history is not None:
             started = await self._start_from_history(request, request.history, launch)
             if not isinstance(started, _Stale):
@@ -686,6 +766,44 @@ class AssistantService:
             launch(started)
         return started
 
+    def _start_started(
+        self,
+        request: ReplyRequest,
+        reply: StartedReply,
+        refuse: str | None,
+        launch: Callable[[_Started], None] | None,
+    ) -> _Started | None:
+        """A reply its send started (``tl_send_and_start``): build the prompt from the turns
+        the statement chose and launch the provider's request (nothing else to write).
+
+        The prompt must not cost more than what was reserved: built from the same turns it
+        counts the same unless a setting changed under a stored count (``max_message_chars``);
+        then it is rebuilt within the reserved count (older turns left out), and logged."""
+        settings = self.settings
+        model = self.llm.model
+        if refuse is not None:
+            # Refused after it was written (shutting down, queue full): it ends ``failed``.
+            nothing = Prompt(messages=[], tokens=0, turns_included=0, summary_used=False)
+            return _Started(reply.message, nothing, model, refused=refuse)
+        turns = [Turn(role, content) for role, content in reply.turns]
+        prompt = build_prompt(settings, summary=reply.summary, turns=turns)
+        if prompt.tokens != reply.prompt_tokens or prompt.turns_included != len(turns):
+            log.warning(
+                "assistant.prompt_count_mismatch",
+                counted=prompt.tokens,
+                reserved_for=reply.prompt_tokens,
+                turns=len(turns),
+                included=prompt.turns_included,
+            )
+            if prompt.tokens > reply.prompt_tokens:
+                prompt = build_prompt(
+                    settings, summary=reply.summary, turns=turns, budget=reply.prompt_tokens
+                )
+        started = _Started(reply.message, prompt, model, reply.whole)
+        if launch is not None:
+            launch(started)
+        return started
+
     def _refused(
         self, request: ReplyRequest, seq: int, reason: str, message: dict[str, Any]
     ) -> None:
@@ -763,6 +881,8 @@ class AssistantService:
             message_id=message_id,
             status=status,
             content=text,
+            # Stored with the text: the thread's next send can start its reply in one statement.
+            content_tokens=message_tokens(self.settings, text),
             model=model,
             event_type=type_,
             payload=data,

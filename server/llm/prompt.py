@@ -64,13 +64,23 @@ class Prompt:
     summary_used: bool
 
 
-def build_prompt(settings: Settings, *, summary: str | None, turns: Sequence[Turn]) -> Prompt:
+def build_prompt(
+    settings: Settings,
+    *,
+    summary: str | None,
+    turns: Sequence[Turn],
+    budget: int | None = None,
+) -> Prompt:
     """System prompt + summary + the newest ``turns`` (given newest first) that fit.
 
     The newest turn (the one being answered) is always included, cut if it alone is too long.
+    ``budget`` (default: the context size less a full reply) bounds the prompt's tokens.
+    ``tl_send_and_start`` (migration 0014) replicates this choice from stored counts
+    (``PromptCosts``, ``message_tokens``, ``summary_tokens``): keep the two in step.
     """
     limit = settings.max_message_chars
-    budget = settings.llm_context_tokens - settings.llm_max_reply_tokens
+    if budget is None:
+        budget = settings.llm_context_tokens - settings.llm_max_reply_tokens
     head = [ChatMessage("system", clean(settings.llm_system_prompt, limit))]
     if summary:
         head.append(ChatMessage("system", _SUMMARY_PREFIX + clean(summary, limit)))
@@ -101,3 +111,42 @@ def _cut_to(message: ChatMessage, max_tokens: int) -> ChatMessage:
     enc = tokens.encoding()
     ids = enc.encode(message.content, disallowed_special=())
     return ChatMessage(message.role, enc.decode(ids[-max_tokens:]))
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCosts:
+    """The fixed parts of ``build_prompt``'s count, for choosing turns from stored counts.
+
+    A prompt's tokens are ``head`` (the system prompt and the reply's priming), plus
+    ``summary_overhead + summary_tokens(summary)`` with a summary, plus, for each turn,
+    ``user_overhead`` or ``assistant_overhead`` + ``message_tokens(content)``; turns are taken
+    newest first while the total stays within ``budget``.
+    """
+
+    head: int
+    summary_overhead: int
+    user_overhead: int
+    assistant_overhead: int
+    budget: int
+
+
+def prompt_costs(settings: Settings) -> PromptCosts:
+    system = ChatMessage("system", clean(settings.llm_system_prompt, settings.max_message_chars))
+    framing = tokens.count_messages([ChatMessage("system", "")]) - 3  # per message, no priming
+    return PromptCosts(
+        head=tokens.count_messages([system]),
+        summary_overhead=framing,
+        user_overhead=tokens.count_messages([ChatMessage("user", "")]) - 3,
+        assistant_overhead=tokens.count_messages([ChatMessage("assistant", "")]) - 3,
+        budget=settings.llm_context_tokens - settings.llm_max_reply_tokens,
+    )
+
+
+def message_tokens(settings: Settings, content: str) -> int:
+    """A message's tokens as ``build_prompt`` counts its content (``messages.content_tokens``)."""
+    return tokens.count_text(clean(content, settings.max_message_chars))
+
+
+def summary_tokens(settings: Settings, summary: str) -> int:
+    """A summary's tokens as ``build_prompt`` counts its message (``summaries.content_tokens``)."""
+    return tokens.count_text(_SUMMARY_PREFIX + clean(summary, settings.max_message_chars))

@@ -27,6 +27,7 @@ from server.events import Publish
 from server.llm import pricing, tokens
 from server.llm.client import LLMClient, LLMError
 from server.llm.offline import SUMMARY_MARKER
+from server.llm.prompt import summary_tokens
 from server.llm.provider import ChatMessage
 from server.storage import assistant as store
 from server.storage import threads
@@ -42,8 +43,11 @@ INSTRUCTION = (
 class DbSummaryStore:
     """``SummaryStore`` on PostgreSQL (SQL in ``server/storage/assistant.py``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, settings: Settings | None = None) -> None:
         self._db = db
+        # With settings, a summary is stored with its prompt token count (``content_tokens``),
+        # which lets a send start its reply in its own statement.
+        self._settings = settings
 
     async def pending(self, thread_id: str, threshold_tokens: int) -> Pending | None:
         async with self._db.transaction() as tx:
@@ -79,6 +83,9 @@ class DbSummaryStore:
                 completion_tokens=summary.completion_tokens,
                 cost_usd=summary.cost_usd,
                 estimated=summary.estimated,
+                content_tokens=None
+                if self._settings is None
+                else summary_tokens(self._settings, summary.content),
             )
             if row is None:
                 return "exists"
@@ -145,4 +152,5 @@ def build_summariser(
     db: Database, llm: LLMClient, settings: Settings, publish: Publish
 ) -> Summariser:
     """The summariser actor wired to the database and the configured model."""
-    return Summariser(DbSummaryStore(db), LLMSummaryModel(llm, settings), settings, publish)
+    store_ = DbSummaryStore(db, settings)
+    return Summariser(store_, LLMSummaryModel(llm, settings), settings, publish)

@@ -200,6 +200,7 @@ async def finish_reply(
     event_type: str,
     payload: dict[str, Any],
     usage: UsageRow | None,
+    content_tokens: int | None = None,
 ) -> tuple[int, str] | None:
     """End a reply in one statement (``tl_finish_reply``, migration 0012): lock the thread, set
     the final status and content (``content`` None keeps the text saved so far, and the event's
@@ -211,10 +212,17 @@ async def finish_reply(
     already; the usage row, spent either way, is still written). A message the user deleted
     meanwhile keeps its tombstone (only its status changes). ``LookupError`` if the thread is
     gone (nothing written). Run on ``db.atomic``, the thread row is held only while the
-    database runs the statement and its COMMIT.
+    database runs the statement and its COMMIT. ``content_tokens`` (``content``'s tokens as
+    the prompt builder counts them) is stored with the final text (migration 0014), so the
+    next send can start its reply in its own statement.
     """
+    args: tuple[Any, ...] = ()
+    sql = "SELECT * FROM tl_finish_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    if content_tokens is not None and content is not None:
+        args = (content_tokens,)
+        sql = sql.replace("$12)", "$12, $13)")
     row = await tx.fetchrow(
-        "SELECT * FROM tl_finish_reply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        sql,
         thread_id,
         project_id,
         message_id,
@@ -227,6 +235,7 @@ async def finish_reply(
         None if usage is None else usage.completion_tokens,
         None if usage is None else usage.cost_usd,
         None if usage is None else usage.estimated,
+        *args,
     )
     assert row is not None
     if row["outcome"] == "not_found":
@@ -295,14 +304,16 @@ async def insert_summary(
     completion_tokens: int,
     cost_usd: Decimal,
     estimated: bool,
+    content_tokens: int | None = None,
 ) -> Record | None:
     """Store a summary of messages ``start``..``end`` and what it cost (charged to the project
-    through ``project_usage_ledger``); None if that window is already summarised."""
+    through ``project_usage_ledger``); None if that window is already summarised.
+    ``content_tokens``: the summary's prompt message's tokens (``prompt.summary_tokens``)."""
     return await tx.fetchrow(
         """INSERT INTO summaries (thread_id, start_message_id, end_message_id, start_seq, end_seq,
                                   content, model, prompt_tokens, completion_tokens, cost_usd,
-                                  estimated)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                  estimated, content_tokens)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
            ON CONFLICT (thread_id, start_message_id) DO NOTHING
            RETURNING id, start_seq, end_seq, start_message_id, end_message_id, created_at""",
         thread_id,
@@ -316,6 +327,7 @@ async def insert_summary(
         completion_tokens,
         cost_usd,
         estimated,
+        content_tokens,
     )
 
 

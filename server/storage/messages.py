@@ -11,6 +11,7 @@ locked only while the database runs it.
 from __future__ import annotations
 
 from server.db import Record, Tx
+from server.services import ReplyStart
 
 COLUMNS = """
     m.id, m.thread_id, m.seq, m.role, m.author_id, m.content, m.status, m.client_msg_id,
@@ -81,6 +82,59 @@ async def send(
         client_msg_id,
         reply,
         history if reply else None,
+    )
+    assert row is not None
+    return row
+
+
+async def send_and_start(
+    tx: Tx,
+    *,
+    author_id: str,
+    thread_id: str,
+    content: str,
+    client_msg_id: str | None,
+    reply: bool,
+    history: int,
+    start: ReplyStart,
+) -> Record:
+    """A user's send and, with ``reply`` and ``start.start``, its reply's start, in one
+    statement (``tl_send_and_start``, migration 0014); run it on ``Database.atomic``.
+
+    The columns of ``send``, plus ``reply``: None (no reply asked, or ``start.start`` False, or
+    nothing written), ``started`` or a refusal (``budget_exceeded``, ``start.refuse``: the
+    assistant message, its event and the reservation or the refusal's event are written in the
+    same transaction; ``reply_message`` is the message as JSON text), ``busy`` (a reply of the
+    thread is streaming) or ``fallback`` (a stored token count is missing, or the newest turn
+    alone does not fit: ``summary`` and ``turns`` are then what ``send`` with ``history``
+    returns). For a started reply ``summary`` and ``turns`` are the prompt's (the turns that
+    fit, newest first), ``prompt_tokens`` its count, ``reserve`` the reservation and ``whole``
+    whether no turn since the summary was left out. The sent message's ``content_tokens`` is
+    ``start.tokens``.
+    """
+    row = await tx.fetchrow(
+        """SELECT * FROM tl_send_and_start($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                           $13, $14, $15, $16, $17, $18, $19, $20)""",
+        author_id,
+        thread_id,
+        content,
+        client_msg_id,
+        reply,
+        start.tokens,
+        history,
+        start.head_tokens,
+        start.summary_overhead,
+        start.user_overhead,
+        start.assistant_overhead,
+        start.prompt_budget,
+        start.price_prompt,
+        start.price_completion,
+        start.max_reply,
+        start.model if start.start else None,
+        start.claimed_by,
+        start.refuse,
+        start.refuse_text,
+        start.budget_text,
     )
     assert row is not None
     return row

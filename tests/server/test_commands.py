@@ -268,13 +268,14 @@ async def _cancel_when_waiting_on_lock(
 ) -> None:
     """Cancel ``scope`` once some backend is blocked on a row lock (bounded polling).
 
-    The send's lock is taken inside ``tl_send_message`` (the backend's query is the function
-    call); other commands take it with a ``FOR UPDATE`` of their own.
+    The send's lock is taken inside ``tl_send_message`` or ``tl_send_and_start`` (the backend's
+    query is the function call); other commands take it with a ``FOR UPDATE`` of their own.
     """
     with trio.fail_after(10):
         while not await services.db.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND (query LIKE '%FOR UPDATE%' OR query LIKE '%tl_send_message%')"
+            " AND (query LIKE '%FOR UPDATE%' OR query LIKE '%tl_send_message%'"
+            " OR query LIKE '%tl_send_and_start%')"
             " AND query NOT LIKE '%pg_stat_activity%'"
         ):
             await trio.sleep(0.01)
