@@ -84,7 +84,7 @@ loadtest: setup
 bench: setup
 	$(BIN)/python loadtests/bench_writes.py --clients 50 --procs 3 --seconds 8 --rate 500 --before b5641cb --without-notify
 	$(BIN)/python loadtests/bench_bridge.py --tasks 20 --queries 300
-	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 --deliveries-per-s 20000 --procs 4 --idle 1000 10000
+	$(BIN)/python loadtests/bench_fanout.py --subscribers 100 1000 10000 --deliveries-per-s 30000 --procs 3 --idle 1000 10000
 	$(BIN)/python loadtests/bench_stream.py --replies 10 --watchers 4
 	$(BIN)/python loadtests/bench_tx.py --tasks 20 --transactions 200 --statements 2
 	$(BIN)/python loadtests/bench_locks.py --tasks 8 --senders 4 --seconds 4 --rounds 2
