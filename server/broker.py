@@ -97,6 +97,8 @@ class PgBroker:
         self.connects = 0
         self.dropped = 0
         self.last_error: str | None = None
+        self._lost_at = 0.0  # trio time the connection was last lost
+        self._failed_attempts = 0  # reconnection attempts failed since then
         self.listener_pid: int | None = None
         self._peers_at_beat = True  # until the first heartbeat says otherwise
         self._hello_at: dict[str, float] = {}  # other nodes' hellos (trio clock)
@@ -250,16 +252,31 @@ class PgBroker:
         self._queue(f"h:{self.incarnation}")
         if self.connects > 1:
             # LISTEN is in place again: whatever was committed meanwhile is in the log.
-            log.warning("broker.reconnected", connects=self.connects, error=self.last_error)
+            log.warning(
+                "broker.reconnected",
+                connects=self.connects,
+                error=self.last_error,
+                failed_attempts=self._failed_attempts,
+                down_s=round(trio.current_time() - self._lost_at, 2),
+            )
             if self._sink is not None:
                 self._sink.resync()
         else:
             log.info("broker.listening", channel=CHANNEL)
 
     def _on_lost(self, why: str) -> None:
+        """A connection lost, or a reconnection attempt failed: a warning for the loss, then
+        one debug line per failed attempt (every second at most during an outage); the
+        reconnection's warning says how many attempts failed and for how long."""
+        if self.connected:
+            self._lost_at = trio.current_time()
+            self._failed_attempts = 0
+            log.warning("broker.connection_lost", error=why)
+        else:
+            self._failed_attempts += 1
+            log.debug("broker.reconnect_failed", error=why, attempts=self._failed_attempts)
         self.connected = False
         self.last_error = why
-        log.warning("broker.connection_lost", error=why)
 
     async def _serve(self, listener: Listener) -> None:
         async with trio.open_nursery() as nursery:
