@@ -18,9 +18,9 @@ A reply, for one ``ReplyRequest``:
    (``tl_send_and_start``, see ``plan_start``): the request then carries ``started`` and the
    start here only builds the prompt from the turns the statement chose and launches the call.
    Otherwise (a reply requested without history, or a stale one) the start is two trips: lock
-   and read, then ``tl_insert_reply`` with its COMMIT; the provider call starts (a child task)
-   before that COMMIT, so the request travels while the commit flushes; its text waits for the
-   commit before anything is published, and a failed commit cancels it.
+   and read, then ``tl_insert_reply`` with its COMMIT. On every path the provider's request goes
+   out only once the start has committed: a start whose COMMIT fails has called no provider, so
+   no prompt is ever billed without its reply recorded.
 2. **Stream**: ``assistant.started {message_id}``, then ``assistant.delta {message_id, index,
    text}`` frames coalesced by ``DeltaCoalescer``; the text so far is saved every
    ``_SAVE_INTERVAL_S`` with unversioned updates.
@@ -510,7 +510,7 @@ class AssistantService:
         bound = log.bind(thread_id=request.thread_id, reply_to=request.user_message_id)
         call = _Call()
         parts: list[str] = []
-        committed = trio.Event()  # the start's commit: nothing is published before it
+        committed = trio.Event()  # the start published: no delta goes out before it
         index = 0
 
         def emit(text: str) -> None:
@@ -523,7 +523,7 @@ class AssistantService:
         coalescer = DeltaCoalescer(emit)
 
         async def on_text(text: str) -> None:
-            if not committed.is_set():  # the provider answered before the start committed
+            if not committed.is_set():  # answered before assistant.started was published
                 await committed.wait()
             parts.append(text)
             coalescer.push(text)
@@ -531,15 +531,14 @@ class AssistantService:
         async with trio.open_nursery() as helpers:
 
             def launch(started: _Started) -> None:
-                # Inside the start transaction, once the reply is decided and written: the
-                # provider's request goes out while the transaction commits.
+                # Once the start has committed: the provider's request goes out.
                 with structlog.contextvars.bound_contextvars(message_id=started.message["id"]):
                     helpers.start_soon(self._call, started, on_text, call)
 
             try:
                 started = await self._start_when_free(reply, launch)
             except (LookupError, ThreadlineError) as exc:
-                helpers.cancel_scope.cancel()  # a call launched before a failed commit
+                helpers.cancel_scope.cancel()  # no commit, so no call was launched
                 bound.warning("assistant.not_started", error=type(exc).__name__)
                 return
             except BaseException:
@@ -651,10 +650,8 @@ class AssistantService:
         """The start transaction (see module docstring). None when refused (already recorded).
 
         ``refuse`` records a refusal decided before the start (queue full, shutting down).
-        ``launch`` is called with the reply, once it is written and before the transaction
-        commits (the thread row is still locked, so no other start can race it), to send the
-        provider's request while the commit takes its round trip and WAL flush; the caller
-        publishes nothing of the call until this returns.
+        ``launch`` is called with the reply once its start has committed, to send the
+        provider's request; the caller publishes nothing of the call until this returns.
         """
         if request.started is not None:
             return self._start_started(request, request.started, refuse, launch)
@@ -687,12 +684,10 @@ class AssistantService:
             launched: list[_Started] = []
 
             def decided(result: tuple[str, str]) -> None:
-                # The reply is written, the COMMIT on its way: its provider call may start.
+                # The reply is written, the COMMIT on its way (launched below, once it is in).
                 outcome, message = result
                 if outcome == "started":
                     launched.append(_Started(json.loads(message), prompt, model, whole))
-                    if launch is not None:
-                        launch(launched[0])
 
             # Budgeted projects lock their row from this statement's budget check to its
             # COMMIT, which follows in the same trip: unlimited ones run in parallel.
@@ -712,6 +707,8 @@ class AssistantService:
             )
         if launched:
             self._publish(request.thread_id, "message.created", seq, launched[0].message)
+            if launch is not None:  # committed: the provider may be called (and bill)
+                launch(launched[0])
             return launched[0]
         self._refused(request, seq, outcome, json.loads(message_json))
         return None

@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import psycopg
 import trio
+import trio.testing
 
 from server.db import Database
 from server.events import ThreadEvent
@@ -67,12 +68,12 @@ class TimedTap:
                 await self.changed.wait()
 
 
-async def test_the_provider_is_called_while_the_start_commits(
+async def test_the_provider_is_called_only_after_the_start_commits(
     llm_server: RunningServer, fake_llm: FakeLLM
 ) -> None:
-    """With a COMMIT that takes 0.6 s, the provider has already sent its first token when the
-    reply's ``message.created`` is published (the request went out before the commit), and
-    still nothing of the reply reaches subscribers before its commit: ``message.created``, then
+    """A start that reads the thread afresh (no history from its send): with a COMMIT that
+    takes 0.6 s, the provider is called only once it is in (its first token comes after the
+    reply's ``message.created`` is published), and subscribers see ``message.created``, then
     ``assistant.started``, then the deltas, whole."""
     db = llm_server.services.db
     fake_llm.configure(tokens=5)
@@ -89,35 +90,40 @@ async def test_the_provider_is_called_while_the_start_commits(
     assert set(types[2:-1]) == {"assistant.delta"}
     created_at = events[0][0]
     first_token = fake_llm.first_token_at["slow commit please"]
-    assert first_token < created_at - 0.3  # answered during the commit, not after it
+    assert first_token > created_at  # requested after the commit, not during it
     deltas = [e for _, e in events if e.type == "assistant.delta"]
     assert "".join(d.data["text"] for d in deltas) == events[-1][1].data["content"]
     assert [d.data["index"] for d in deltas] == list(range(len(deltas)))
 
 
-async def test_a_start_whose_commit_fails_cancels_its_provider_call(
+async def test_a_start_whose_commit_fails_never_calls_the_provider(
     llm_server: RunningServer, fake_llm: FakeLLM
 ) -> None:
-    """The request sent before the COMMIT is abandoned when the COMMIT fails: nothing of the
-    reply is published or stored, and the thread's next reply runs normally."""
+    """No prompt is sent (and billed) for a reply that was not recorded: a start whose COMMIT
+    fails calls no provider, publishes and stores nothing, and the thread's next reply runs
+    normally."""
     db = llm_server.services.db
-    fake_llm.configure(tokens=5, first_token_delay_ms=2000)
+    fake_llm.configure(tokens=5)
     tap = TimedTap(llm_server)
     seeded = await seed_thread(db, ["doomed"])
     assistant = llm_server.services.assistant
     assert assistant is not None
+    requests_before = fake_llm.stats.requests
     async with commit_hook(
         db, seeded.thread_id, "PERFORM pg_sleep(0.5); RAISE EXCEPTION 'commit refused'"
     ):
-        started = fake_llm.request_started
         assistant.start_reply(request_for(seeded))
+        queues = assistant._queues  # type: ignore[attr-defined]
         with trio.fail_after(10):
-            await started.wait()  # the request went out before the COMMIT failed
-            reply = assistant._active[seeded.thread_id]  # type: ignore[attr-defined]
-            await reply.done.wait()  # the reply given up, its provider call cancelled
+            while seeded.thread_id in queues:  # until its worker has given the reply up
+                reply = assistant._active.get(seeded.thread_id)  # type: ignore[attr-defined]
+                if reply is not None:
+                    await reply.done.wait()
+                else:  # not started yet: wait for the tasks that start it to settle
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    assert fake_llm.stats.requests == requests_before
     assert seeded.thread_id not in assistant._queues  # type: ignore[attr-defined]
     assert tap.of(seeded.thread_id) == []
-    assert fake_llm.stats.completed == 0
     assert (
         await db.fetchval(
             "SELECT count(*) FROM messages WHERE thread_id = $1 AND role = 'assistant'",
@@ -125,13 +131,13 @@ async def test_a_start_whose_commit_fails_cancels_its_provider_call(
         )
         == 0
     )
-    fake_llm.configure(first_token_delay_ms=0)
     assistant.start_reply(request_for(seeded))
     await tap.wait_for_type(seeded.thread_id, "assistant.completed")
     assert [e.type for _, e in tap.of(seeded.thread_id)][:2] == [
         "message.created",
         "assistant.started",
     ]
+    assert fake_llm.stats.requests == requests_before + 1
 
 
 async def test_a_budgeted_start_frees_the_project_row_without_the_event_loop(
